@@ -1,0 +1,67 @@
+"""bento_like: declare a service, serve it with adaptive batching, build it into an image.
+
+This module is the whole user surface. Heavy parts (the model store's frameworks, the client's HTTP stack)
+load on first use, so ``import bento_like`` stays fast.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .sdk import (
+    DType,
+    File,
+    ServiceDefinitionError,
+    Shape,
+    api,
+    depends,
+    on_shutdown,
+    on_startup,
+    service,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "DType",
+    "File",
+    "ServiceDefinitionError",
+    "Shape",
+    "api",
+    "depends",
+    "model",
+    "models",
+    "on_shutdown",
+    "on_startup",
+    "service",
+]
+
+if TYPE_CHECKING:
+    from . import models
+    from .client import AsyncClient, Client
+    from .sdk.model_ref import model
+
+_LAZY = {
+    "Client": ("bento_like.client", "Client"),
+    "AsyncClient": ("bento_like.client", "AsyncClient"),
+    "model": ("bento_like.sdk.model_ref", "model"),
+    "models": ("bento_like.models", None),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'bento_like' has no attribute {name!r}")
+    import importlib
+
+    module_name, attr = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,82 @@
+"""``pkg``: the one command line of bento_like. Each command parses its options and calls one library function."""
+
+from __future__ import annotations
+
+import re
+
+import click
+
+from .. import __version__
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "ki": 1024, "mi": 1024**2, "gi": 1024**3}
+
+
+class ByteSize(click.ParamType):
+    name = "size"
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        if isinstance(value, int):
+            return value
+        match = _SIZE.match(str(value))
+        if not match:
+            self.fail(f"{value!r} is not a size such as 1048576, 10MB or 64MiB", param, ctx)
+        number, unit = match.groups()
+        unit = (unit or "").lower().rstrip("b")
+        return int(float(number) * _UNITS[unit])
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pkg")
+def cli() -> None:
+    """bento_like: serve a model service, build it into a bento, ship it as an OCI image."""
+
+
+@cli.command()
+@click.argument("target")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 for all).")
+@click.option("--port", default=3000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--workers", type=click.IntRange(1), default=None, help="Processes sharing the port [service's own, or 1].")
+@click.option("--reload", is_flag=True, help="Restart when a .py file under the working directory changes.")
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["critical", "error", "warning", "info", "debug"], case_sensitive=False),
+)
+@click.option("--access-log", is_flag=True, help="Log every request (costs throughput).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds a request may run [service's traffic.timeout].")
+@click.option("--max-concurrency", type=click.IntRange(1), help="Requests handled at once before 429 [service's].")
+@click.option("--max-body-size", type=ByteSize(), help="Largest request body, e.g. 10MB [service's, or 64MiB].")
+@click.option("--working-dir", type=click.Path(file_okay=False, exists=True), help="Where TARGET is resolved [cwd].")
+@click.option("--graceful-timeout", default=30.0, show_default=True, help="Seconds in-flight requests get on SIGTERM.")
+def serve(target: str, **opts) -> None:  # type: ignore[no-untyped-def]
+    """Serve TARGET: a service as file.py:Class or module:Class."""
+    from ..sdk.api import ServiceDefinitionError
+    from ..serving import ServeOptions, serve as run
+
+    try:
+        run(
+            target,
+            host=opts["host"],
+            port=opts["port"],
+            workers=opts["workers"],
+            reload=opts["reload"],
+            log_level=opts["log_level"].lower(),
+            access_log=opts["access_log"],
+            working_dir=opts["working_dir"],
+            graceful_timeout=opts["graceful_timeout"],
+            options=ServeOptions(
+                timeout=opts["timeout"], max_concurrency=opts["max_concurrency"], max_body_size=opts["max_body_size"]
+            ),
+        )
+    except ServiceDefinitionError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

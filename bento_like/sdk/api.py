@@ -1,0 +1,146 @@
+"""`@api`: marks a service method as an HTTP endpoint and declares how requests reach it.
+
+The decorator only records a declaration on the function (``func.__bento_api__``) and returns the
+function unchanged, so a service method stays an ordinary method that code and tests can call directly.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar, overload
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+API_ATTR = "__bento_api__"
+
+
+class ServiceDefinitionError(TypeError):
+    """A service or API declaration is wrong; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class APIConfig:
+    name: str
+    route: str
+    batchable: bool = False
+    max_batch_size: int = 64
+    max_latency_ms: float = 100.0
+    batch_dim: int | tuple[int, int] = 0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    params: tuple[str, ...] = field(default=())
+
+    @property
+    def input_batch_dim(self) -> int:
+        return self.batch_dim[0] if isinstance(self.batch_dim, tuple) else self.batch_dim
+
+    @property
+    def output_batch_dim(self) -> int:
+        return self.batch_dim[1] if isinstance(self.batch_dim, tuple) else self.batch_dim
+
+
+@overload
+def api(func: F) -> F: ...
+
+
+@overload
+def api(
+    *,
+    route: str | None = None,
+    name: str | None = None,
+    batchable: bool = False,
+    max_batch_size: int = 64,
+    max_latency_ms: float = 100.0,
+    batch_dim: int | tuple[int, int] = 0,
+    preferred_batch_sizes: list[int] | tuple[int, ...] | None = None,
+) -> Callable[[F], F]: ...
+
+
+def api(
+    func: Callable[..., Any] | None = None,
+    *,
+    route: str | None = None,
+    name: str | None = None,
+    batchable: bool = False,
+    max_batch_size: int = 64,
+    max_latency_ms: float = 100.0,
+    batch_dim: int | tuple[int, int] = 0,
+    preferred_batch_sizes: list[int] | tuple[int, ...] | None = None,
+) -> Any:
+    """Expose a service method as ``POST /<route>``.
+
+    Used bare (``@api``) or with options (``@api(route="/v1/predict", batchable=True)``). Arguments arrive as a
+    JSON object keyed by parameter name. A batchable API takes exactly one input; the runtime may merge several
+    requests along ``batch_dim`` (at most ``max_batch_size`` items) and hold a request at most
+    ``max_latency_ms`` before it runs.
+    """
+
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        if not callable(f) or isinstance(f, (staticmethod, classmethod)):
+            raise ServiceDefinitionError("@api decorates a plain method of a service class (def or async def)")
+        api_name = name or f.__name__
+        params = _api_params(f, api_name)
+        if batchable and len(params) != 1:
+            raise ServiceDefinitionError(
+                f"batchable API {api_name!r} takes {len(params)} parameters ({', '.join(params) or 'none'}); "
+                "a batchable API takes exactly one input that the runtime cuts along batch_dim: "
+                "merge the inputs into one array or Struct, or set batchable=False"
+            )
+        if batchable and (inspect.isgeneratorfunction(f) or inspect.isasyncgenfunction(f)):
+            raise ServiceDefinitionError(f"API {api_name!r} streams (it is a generator) and cannot be batchable")
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ServiceDefinitionError(f"API {api_name!r}: max_batch_size must be an int >= 1, got {max_batch_size!r}")
+        if not isinstance(max_latency_ms, (int, float)) or max_latency_ms <= 0:
+            raise ServiceDefinitionError(f"API {api_name!r}: max_latency_ms must be > 0, got {max_latency_ms!r}")
+        dims = batch_dim if isinstance(batch_dim, tuple) else (batch_dim,)
+        if len(dims) not in (1, 2) or not all(isinstance(d, int) and d >= 0 for d in dims):
+            raise ServiceDefinitionError(
+                f"API {api_name!r}: batch_dim must be an int >= 0 or a pair (input_dim, output_dim), got {batch_dim!r}"
+            )
+        preferred = tuple(sorted(set(preferred_batch_sizes or ())))
+        if any(not isinstance(s, int) or s < 1 or s > max_batch_size for s in preferred):
+            raise ServiceDefinitionError(
+                f"API {api_name!r}: preferred_batch_sizes must be ints between 1 and max_batch_size ({max_batch_size})"
+            )
+        api_route = route if route is not None else "/" + api_name
+        if not api_route.startswith("/") or " " in api_route:
+            raise ServiceDefinitionError(f"API {api_name!r}: route must start with '/' and hold no spaces, got {api_route!r}")
+        setattr(
+            f,
+            API_ATTR,
+            APIConfig(
+                name=api_name,
+                route=api_route.rstrip("/") or "/",
+                batchable=batchable,
+                max_batch_size=max_batch_size,
+                max_latency_ms=float(max_latency_ms),
+                batch_dim=batch_dim,
+                preferred_batch_sizes=preferred,
+                params=params,
+            ),
+        )
+        return f
+
+    if func is not None:
+        return decorate(func)
+    return decorate
+
+
+def _api_params(f: Callable[..., Any], api_name: str) -> tuple[str, ...]:
+    params = list(inspect.signature(f).parameters.values())
+    if not params or params[0].name != "self":
+        raise ServiceDefinitionError(f"API {api_name!r} must be a method whose first parameter is self")
+    names = []
+    for p in params[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            raise ServiceDefinitionError(
+                f"API {api_name!r}: *{p.name} / **{p.name} cannot be served; name every input as a parameter"
+            )
+        if p.kind is p.POSITIONAL_ONLY:
+            raise ServiceDefinitionError(f"API {api_name!r}: parameter {p.name!r} is positional-only; inputs travel by name")
+        names.append(p.name)
+    return tuple(names)
+
+
+def get_api_config(obj: Any) -> APIConfig | None:
+    return getattr(obj, API_ATTR, None)

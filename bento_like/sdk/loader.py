@@ -1,0 +1,72 @@
+"""Find a service class from a target string: ``file.py:Class``, ``package.module:Class`` or ``module``."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+from .api import ServiceDefinitionError
+from .service import ServiceSpec, get_spec, get_spec_or_none
+
+
+def load_service(target: str, working_dir: str | os.PathLike[str] | None = None) -> ServiceSpec:
+    """Import the module a target names and return the spec of the service it points to.
+
+    ``working_dir`` (default: the current directory) goes first on ``sys.path`` so the service's own
+    modules import the way they do when the user runs them.
+    """
+    base = Path(working_dir or os.getcwd()).resolve()
+    if str(base) not in sys.path:
+        sys.path.insert(0, str(base))
+    module_part, _, attr = target.partition(":")
+    if module_part.endswith(".py") or os.sep in module_part:
+        path = (base / module_part).resolve()
+        if not path.is_file():
+            raise ServiceDefinitionError(f"service file {str(path)!r} does not exist")
+        if str(path.parent) not in sys.path:
+            sys.path.insert(0, str(path.parent))
+        module = _import_file(path)
+    else:
+        try:
+            module = importlib.import_module(module_part)
+        except ModuleNotFoundError as exc:
+            if exc.name and module_part.startswith(exc.name):
+                raise ServiceDefinitionError(f"cannot import {module_part!r}: no such module (looked in {base})") from None
+            raise
+    if attr:
+        try:
+            obj = module
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            raise ServiceDefinitionError(f"{module_part!r} has no attribute {attr!r}") from None
+        return get_spec(obj)
+    found = [v for v in vars(module).values() if get_spec_or_none(v) is not None and v.__module__ == module.__name__]
+    if len(found) != 1:
+        names = ", ".join(sorted(v.__name__ for v in found)) or "none"
+        raise ServiceDefinitionError(
+            f"{module_part!r} defines {len(found)} services ({names}); name one as {module_part}:ClassName"
+        )
+    return get_spec(found[0])
+
+
+def _import_file(path: Path):
+    name = path.stem
+    existing = sys.modules.get(name)
+    if existing is not None and getattr(existing, "__file__", None) and Path(existing.__file__).resolve() == path:
+        return existing
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ServiceDefinitionError(f"cannot import {str(path)!r}")
+    module = importlib.util.module_from_spec(spec)
+    # Registered before it runs so that pickling, dataclasses and msgspec can find classes defined in it.
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module

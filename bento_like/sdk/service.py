@@ -1,0 +1,265 @@
+"""`@service`: declares a class as a servable unit with its resources, traffic limits and dependencies.
+
+The decorator validates the declaration at once (unknown keys, duplicate routes) and attaches a
+``ServiceSpec`` to the class as ``__bento_service__``. It never instantiates the class: building instances,
+placing them on devices and serving them is the runtime's job.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
+
+from .api import APIConfig, ServiceDefinitionError, get_api_config
+
+T = TypeVar("T", bound=type)
+
+SERVICE_ATTR = "__bento_service__"
+HOOK_ATTR = "__bento_hook__"
+
+RESOURCE_KEYS = {"cpu", "memory", "gpu", "gpu_type"}
+TRAFFIC_KEYS = {"timeout", "max_concurrency", "max_queue", "max_body_size"}
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpu: float | None = None
+    memory: str | None = None
+    gpu: int = 0
+    gpu_type: str | None = None
+
+
+@dataclass(frozen=True)
+class Traffic:
+    timeout: float = 60.0
+    max_concurrency: int | None = None
+    max_queue: int | None = None
+    max_body_size: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class APIEntry:
+    """One served method: its declaration plus the attribute it lives under."""
+
+    attr: str
+    config: APIConfig
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    cls: type
+    name: str
+    resources: Resources
+    traffic: Traffic
+    workers: int
+    instances: int | None
+    envs: dict[str, str]
+    apis: tuple[APIEntry, ...]
+    startup_hooks: tuple[str, ...] = ()
+    shutdown_hooks: tuple[str, ...] = ()
+    dependencies: dict[str, "Dependency"] = field(default_factory=dict)
+
+    def api(self, name: str) -> APIEntry:
+        for entry in self.apis:
+            if entry.config.name == name:
+                return entry
+        raise KeyError(name)
+
+    def model_refs(self) -> dict[str, Any]:
+        """Model references of this service and of the services it depends on, keyed by dotted attribute."""
+        from .model_ref import model_refs
+
+        refs = dict(model_refs(self.cls))
+        for attr, dep in self.dependencies.items():
+            for sub, ref in get_spec(dep.target).model_refs().items():
+                refs[f"{attr}.{sub}"] = ref
+        return refs
+
+
+class Dependency:
+    """``self.other`` inside a service: an instance of another service, built by the runtime in this process."""
+
+    def __init__(self, target: type) -> None:
+        if get_spec_or_none(target) is None:
+            raise ServiceDefinitionError(
+                f"depends() takes a class decorated with @bento_like.service; {target!r} is not one"
+            )
+        self.target = target
+        self.attr: str | None = None
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.attr = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        # Outside the runtime (a notebook, a unit test), build the dependency on first use.
+        instance = self.target()
+        obj.__dict__[self.attr] = instance
+        return instance
+
+
+def depends(target: type) -> Any:
+    """Compose services: ``self.embedder = bl.depends(Embedder)`` gives this service an Embedder instance."""
+    return Dependency(target)
+
+
+def on_startup(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Run this method (sync or async) once per instance after ``__init__``, before the server is ready."""
+    setattr(func, HOOK_ATTR, "startup")
+    return func
+
+
+def on_shutdown(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Run this method (sync or async) once per instance when the server stops, after in-flight requests end."""
+    setattr(func, HOOK_ATTR, "shutdown")
+    return func
+
+
+def service(
+    cls: type | None = None,
+    *,
+    name: str | None = None,
+    resources: dict[str, Any] | None = None,
+    traffic: dict[str, Any] | None = None,
+    workers: int = 1,
+    instances: int | None = None,
+    envs: dict[str, str] | list[dict[str, str]] | None = None,
+) -> Any:
+    """Declare a service class. Used bare (``@service``) or with options (``@service(name="demo", ...)``)."""
+
+    def decorate(c: type) -> type:
+        if not inspect.isclass(c):
+            raise ServiceDefinitionError("@service decorates a class")
+        svc_name = name or c.__name__
+        if not svc_name.replace("-", "_").replace(".", "_").isidentifier():
+            raise ServiceDefinitionError(f"service name {svc_name!r}: use letters, digits, '_', '-' or '.'")
+        spec = ServiceSpec(
+            cls=c,
+            name=svc_name,
+            resources=_resources(svc_name, resources or {}),
+            traffic=_traffic(svc_name, traffic or {}),
+            workers=_positive_int(svc_name, "workers", workers),
+            instances=None if instances is None else _positive_int(svc_name, "instances", instances),
+            envs=_envs(svc_name, envs),
+            apis=_collect_apis(c, svc_name),
+            startup_hooks=_collect_hooks(c, "startup"),
+            shutdown_hooks=_collect_hooks(c, "shutdown"),
+            dependencies={k: v for k, v in _members(c) if isinstance(v, Dependency)},
+        )
+        setattr(c, SERVICE_ATTR, spec)
+        return c
+
+    if cls is not None:
+        return decorate(cls)
+    return decorate
+
+
+def get_spec_or_none(cls: Any) -> ServiceSpec | None:
+    spec = getattr(cls, SERVICE_ATTR, None)
+    # A subclass of a service inherits the attribute; only the decorated class itself owns it.
+    return spec if isinstance(spec, ServiceSpec) and spec.cls is cls else None
+
+
+def get_spec(cls: Any) -> ServiceSpec:
+    spec = get_spec_or_none(cls)
+    if spec is None:
+        raise ServiceDefinitionError(f"{cls!r} is not a service: decorate the class with @bento_like.service")
+    return spec
+
+
+def _members(c: type) -> list[tuple[str, Any]]:
+    seen: dict[str, Any] = {}
+    for klass in reversed(c.__mro__[:-1]):
+        seen.update(vars(klass))
+    return list(seen.items())
+
+
+def _collect_apis(c: type, svc_name: str) -> tuple[APIEntry, ...]:
+    entries: list[APIEntry] = []
+    routes: dict[str, str] = {}
+    names: dict[str, str] = {}
+    for attr, value in _members(c):
+        config = get_api_config(value)
+        if config is None:
+            continue
+        if config.route in routes:
+            raise ServiceDefinitionError(
+                f"service {svc_name!r}: route {config.route!r} is declared by both {routes[config.route]!r} and "
+                f"{attr!r}; give one of them another route=..."
+            )
+        if config.name in names:
+            raise ServiceDefinitionError(
+                f"service {svc_name!r}: API name {config.name!r} is used by both {names[config.name]!r} and {attr!r}"
+            )
+        if config.route in RESERVED_ROUTES or config.route.startswith(("/v2/", "/docs/")):
+            raise ServiceDefinitionError(
+                f"service {svc_name!r}: route {config.route!r} of {attr!r} is reserved by the server; pick another"
+            )
+        routes[config.route] = attr
+        names[config.name] = attr
+        entries.append(APIEntry(attr=attr, config=config))
+    if not entries:
+        raise ServiceDefinitionError(f"service {svc_name!r} declares no API: decorate at least one method with @api")
+    return tuple(entries)
+
+
+RESERVED_ROUTES = {"/", "/livez", "/readyz", "/metrics", "/openapi.json", "/docs", "/v2"}
+
+
+def _collect_hooks(c: type, kind: str) -> tuple[str, ...]:
+    return tuple(attr for attr, value in _members(c) if getattr(value, HOOK_ATTR, None) == kind)
+
+
+def _unknown(svc_name: str, what: str, given: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(given) - allowed)
+    if unknown:
+        raise ServiceDefinitionError(
+            f"service {svc_name!r}: unknown {what} key(s) {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(sorted(allowed))}"
+        )
+
+
+def _resources(svc_name: str, given: dict[str, Any]) -> Resources:
+    _unknown(svc_name, "resources", given, RESOURCE_KEYS)
+    gpu = given.get("gpu", 0)
+    if not isinstance(gpu, int) or gpu < 0:
+        raise ServiceDefinitionError(f"service {svc_name!r}: resources.gpu must be an int >= 0, got {gpu!r}")
+    cpu = given.get("cpu")
+    if cpu is not None and (not isinstance(cpu, (int, float)) or cpu <= 0):
+        raise ServiceDefinitionError(f"service {svc_name!r}: resources.cpu must be a number > 0, got {cpu!r}")
+    return Resources(cpu=cpu, memory=given.get("memory"), gpu=gpu, gpu_type=given.get("gpu_type"))
+
+
+def _traffic(svc_name: str, given: dict[str, Any]) -> Traffic:
+    _unknown(svc_name, "traffic", given, TRAFFIC_KEYS)
+    timeout = given.get("timeout", Traffic.timeout)
+    if not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ServiceDefinitionError(f"service {svc_name!r}: traffic.timeout must be seconds > 0, got {timeout!r}")
+    values: dict[str, Any] = {"timeout": float(timeout)}
+    for key in ("max_concurrency", "max_queue", "max_body_size"):
+        if given.get(key) is not None:
+            values[key] = _positive_int(svc_name, f"traffic.{key}", given[key])
+    return Traffic(**values)
+
+
+def _positive_int(svc_name: str, key: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ServiceDefinitionError(f"service {svc_name!r}: {key} must be an int >= 1, got {value!r}")
+    return value
+
+
+def _envs(svc_name: str, envs: dict[str, str] | list[dict[str, str]] | None) -> dict[str, str]:
+    if envs is None:
+        return {}
+    if isinstance(envs, dict):
+        items = list(envs.items())
+    else:
+        try:
+            items = [(e["name"], e.get("value", "")) for e in envs]
+        except (TypeError, KeyError):
+            raise ServiceDefinitionError(
+                f"service {svc_name!r}: envs is a dict or a list of {{'name': ..., 'value': ...}}"
+            ) from None
+    return {str(k): str(v) for k, v in items}

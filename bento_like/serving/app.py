@@ -1,0 +1,153 @@
+"""The ASGI application for one service: API routes, health, metrics, OpenAPI and docs, and its lifespan.
+
+Instances are built in the background after the server starts listening, so ``/livez`` answers at once and
+``/readyz`` turns 200 only when every instance is built and its startup hooks have run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from .. import __version__
+from ..sdk.service import ServiceSpec
+from .errors import HTTPError
+from .instances import InstancePool
+from .metrics import Registry
+from .openapi import SWAGGER_HTML, build_openapi
+from .routes import APIEndpoint
+
+log = logging.getLogger("bento_like.serving")
+
+
+@dataclass
+class ServeOptions:
+    """Runtime settings that override the service's declaration (from ``pkg serve`` flags)."""
+
+    timeout: float | None = None
+    max_concurrency: int | None = None
+    max_body_size: int | None = None
+    worker_id: str | None = None
+
+
+class ServerState:
+    def __init__(self, spec: ServiceSpec, options: ServeOptions) -> None:
+        traffic = spec.traffic
+        self.spec = spec
+        self.timeout = options.timeout or traffic.timeout
+        self.max_concurrency = options.max_concurrency or traffic.max_concurrency
+        self.max_body_size = options.max_body_size or traffic.max_body_size
+        self.metrics = Registry({"worker": options.worker_id} if options.worker_id else None)
+        self.pool = InstancePool(spec)
+        self.executor = ThreadPoolExecutor(
+            max_workers=max(4, min(64, self.max_concurrency or 32)), thread_name_prefix="bento-api"
+        )
+        self.in_flight = 0
+        self.ready = False
+        self.failure: str | None = None
+
+    async def start(self) -> None:
+        try:
+            await self.pool.start()
+        except Exception as exc:
+            self.failure = f"{type(exc).__name__}: {exc}"
+            log.exception("building the instances of %s failed; the server will not become ready", self.spec.name)
+            return
+        self.ready = True
+        log.info("service %s is ready", self.spec.name)
+
+
+def create_app(spec: ServiceSpec, options: ServeOptions | None = None) -> Starlette:
+    options = options or ServeOptions()
+    for key, value in spec.envs.items():
+        os.environ.setdefault(key, value)
+    state = ServerState(spec, options)
+    endpoints = [APIEndpoint(state, entry.attr, entry.config) for entry in spec.apis]
+    openapi = msgspec.json.encode(build_openapi(spec.name, __version__, endpoints))
+    docs_html = SWAGGER_HTML.format(title=spec.name)
+
+    async def livez(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    async def readyz(request: Request) -> Response:
+        if state.ready:
+            return PlainTextResponse("ready")
+        if state.failure:
+            return JSONResponse({"ready": False, "error": f"startup failed: {state.failure}"}, status_code=503)
+        return JSONResponse({"ready": False, "error": "instances are being built"}, status_code=503, headers={"Retry-After": "1"})
+
+    async def metrics(request: Request) -> Response:
+        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def openapi_json(request: Request) -> Response:
+        return Response(openapi, media_type="application/json")
+
+    async def docs(request: Request) -> Response:
+        return HTMLResponse(docs_html)
+
+    async def root(request: Request) -> Response:
+        return RedirectResponse("/docs")
+
+    routes: list[Any] = [
+        Route("/", root, methods=["GET"]),
+        Route("/livez", livez, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
+        Route("/docs", docs, methods=["GET"]),
+        Mount("/docs/static", StaticFiles(directory=_swagger_dir()), name="swagger"),
+    ]
+    routes += [Route(ep.config.route, ep, methods=["POST"]) for ep in endpoints]
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        starting = asyncio.create_task(state.start())
+        yield
+        if not starting.done():
+            starting.cancel()
+        if state.ready:
+            state.ready = False
+            await state.pool.stop()
+        state.executor.shutdown(wait=False, cancel_futures=True)
+
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: _http_exception, HTTPError: _http_error},
+    )
+    app.state.server = state
+    return app
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    message = {404: f"no route {request.url.path!r}: see /docs for the routes of this service"}.get(exc.status_code)
+    if exc.status_code == 405:
+        message = f"method {request.method} is not allowed on {request.url.path!r}; allowed: {exc.headers.get('Allow', '') if exc.headers else ''}"
+    return JSONResponse(
+        {"error": message or exc.detail, "status": exc.status_code}, status_code=exc.status_code, headers=exc.headers
+    )
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPError)
+    return Response(exc.body(), status_code=exc.status, headers=exc.headers, media_type="application/json")
+
+
+def _swagger_dir() -> str:
+    import swagger_ui_bundle
+
+    return str(swagger_ui_bundle.swagger_ui_path)

@@ -1,0 +1,222 @@
+"""Request decoding and response encoding for one API, derived once from its signature.
+
+The input of an API is a msgspec Struct built from its parameters, so a JSON body is decoded and validated in
+one pass and every error names the field path. Arrays are decoded by numpy and checked against the declared
+dtype and shape; files come from multipart parts, a raw body, or base64 in JSON.
+"""
+
+from __future__ import annotations
+
+import base64
+import inspect
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import msgspec
+import numpy as np
+
+from ..sdk.api import APIConfig, ServiceDefinitionError
+from ..sdk.io import ArraySpec, File, array_spec, is_ndarray_type
+from .errors import HTTPError, bad_request, validation_error
+
+JSON = "application/json"
+OCTET = "application/octet-stream"
+MULTIPART = "multipart/form-data"
+SSE = "text/event-stream"
+
+
+def _dec_hook(tp: Any, obj: Any) -> Any:
+    if tp is np.ndarray:
+        if isinstance(obj, str):
+            obj = msgspec.json.decode(obj)
+        arr = np.asarray(obj)
+        if arr.dtype.kind in "OUS":
+            raise ValueError(f"expected an array of numbers, got {arr.dtype.kind == 'O' and 'a ragged or mixed list' or 'strings'}")
+        return arr
+    if tp is File:
+        if isinstance(obj, File):
+            return obj
+        if isinstance(obj, str):
+            try:
+                return File(base64.b64decode(obj, validate=True))
+            except ValueError:
+                raise ValueError("expected a file as base64 text") from None
+        raise TypeError(f"expected a file, got {type(obj).__name__}")
+    raise NotImplementedError(f"cannot decode {tp!r}")
+
+
+def _enc_hook(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, File):
+        return base64.b64encode(obj.data).decode()
+    raise NotImplementedError(f"cannot encode objects of type {type(obj).__name__} as JSON")
+
+
+json_encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    annotation: Any
+    kind: str  # "json", "ndarray", "bytes", "file", "str"
+    array: ArraySpec | None
+    required: bool
+
+
+class InputCodec:
+    """Turns a request body into keyword arguments for the API method."""
+
+    def __init__(self, api: APIConfig, func: Callable[..., Any]) -> None:
+        self.api = api
+        try:
+            hints = typing.get_type_hints(func, include_extras=True)
+        except Exception as exc:  # an unresolvable forward reference, named by the exception
+            raise ServiceDefinitionError(f"API {api.name!r}: cannot resolve its type annotations: {exc}") from exc
+        sig = inspect.signature(func)
+        params: list[Param] = []
+        fields: list[tuple[Any, ...]] = []
+        for name in api.params:
+            p = sig.parameters[name]
+            ann = hints.get(name, Any)
+            spec = array_spec(ann)
+            kind = _kind(ann, spec)
+            field_type = np.ndarray if spec is not None else ann
+            required = p.default is inspect.Parameter.empty
+            params.append(Param(name, ann, kind, spec, required))
+            fields.append((name, field_type) if required else (name, field_type, p.default))
+        self.params = tuple(params)
+        self.struct = msgspec.defstruct(
+            f"{api.name}_input", fields, forbid_unknown_fields=True, kw_only=True, module=__name__
+        )
+        self._decoder = msgspec.json.Decoder(self.struct, dec_hook=_dec_hook)
+        self._arrays = tuple(p for p in params if p.array is not None and (p.array.dtype or p.array.shape))
+        # A single bytes/File input may arrive as the raw body.
+        self.raw_param = params[0] if len(params) == 1 and params[0].kind in ("bytes", "file") else None
+        self.accepts_multipart = any(p.kind in ("bytes", "file") for p in params) or bool(params)
+
+    def decode_json(self, body: bytes) -> dict[str, Any]:
+        if not body.strip():
+            if any(p.required for p in self.params):
+                raise HTTPError(
+                    400, f"empty body: API {self.api.name!r} takes a JSON object with " + _describe(self.params)
+                )
+            body = b"{}"
+        try:
+            value = self._decoder.decode(body)
+        except msgspec.ValidationError as exc:
+            # msgspec validates while it parses: a type error can surface before a syntax error further on.
+            try:
+                msgspec.json.decode(body)
+            except msgspec.DecodeError as syntax:
+                raise bad_request(f"malformed JSON: {syntax}") from None
+            raise validation_error(str(exc)) from None
+        except msgspec.DecodeError as exc:
+            raise bad_request(f"malformed JSON: {exc}") from None
+        return self._finish(value)
+
+    def decode_raw(self, body: bytes, content_type: str | None) -> dict[str, Any]:
+        assert self.raw_param is not None
+        value: Any = body if self.raw_param.kind == "bytes" else File(body, content_type=content_type)
+        return {self.raw_param.name: value}
+
+    def decode_form(self, form: dict[str, Any]) -> dict[str, Any]:
+        try:
+            value = msgspec.convert(form, self.struct, strict=False, dec_hook=_form_dec_hook)
+        except msgspec.ValidationError as exc:
+            raise validation_error(str(exc)) from None
+        return self._finish(value)
+
+    def _finish(self, value: Any) -> dict[str, Any]:
+        kwargs = {f: getattr(value, f) for f in value.__struct_fields__}
+        for p in self._arrays:
+            kwargs[p.name] = _check_array(p, kwargs[p.name])
+        return kwargs
+
+
+def _form_dec_hook(tp: Any, obj: Any) -> Any:
+    if tp is bytes and isinstance(obj, File):
+        return obj.data
+    return _dec_hook(tp, obj)
+
+
+def _check_array(p: Param, arr: Any) -> Any:
+    spec = p.array
+    assert spec is not None
+    if arr is None:
+        return arr
+    if spec.dtype is not None and arr.dtype != spec.dtype:
+        try:
+            arr = arr.astype(spec.dtype, casting="same_kind" if arr.dtype.kind == "f" else "unsafe")
+        except TypeError:
+            raise validation_error(f"Expected an array of {spec.dtype}, got {arr.dtype} - at `$.{p.name}`") from None
+    if spec.shape is not None:
+        ok = arr.ndim == len(spec.shape) and all(d == -1 or d == s for d, s in zip(spec.shape, arr.shape))
+        if not ok:
+            want = "(" + ", ".join("*" if d == -1 else str(d) for d in spec.shape) + ")"
+            raise validation_error(f"Expected an array of shape {want}, got shape {tuple(arr.shape)} - at `$.{p.name}`")
+    return arr
+
+
+def _kind(ann: Any, spec: ArraySpec | None) -> str:
+    if spec is not None:
+        return "ndarray"
+    if ann is bytes:
+        return "bytes"
+    if ann is File:
+        return "file"
+    if ann is str:
+        return "str"
+    return "json"
+
+
+def _describe(params: tuple[Param, ...]) -> str:
+    return "fields " + ", ".join(f"{p.name!r}" + ("" if p.required else " (optional)") for p in params)
+
+
+def output_kind(func: Callable[..., Any]) -> str:
+    """How an API's result travels: json, ndarray (JSON lists), bytes, file, str, or stream (SSE)."""
+    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+        return "stream"
+    try:
+        ann = typing.get_type_hints(func, include_extras=True).get("return", Any)
+    except Exception:
+        ann = Any
+    origin = typing.get_origin(ann)
+    if origin is not None and getattr(origin, "__name__", "") in ("Generator", "AsyncGenerator", "Iterator", "AsyncIterator"):
+        return "stream"
+    kind = _kind(ann, array_spec(ann))
+    return kind
+
+
+def encode_result(value: Any) -> tuple[bytes, str]:
+    """Body and media type for an API's return value."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value), OCTET
+    if isinstance(value, File):
+        return value.data, value.content_type or OCTET
+    if isinstance(value, str):
+        return value.encode(), "text/plain; charset=utf-8"
+    try:
+        return json_encoder.encode(value), JSON
+    except (TypeError, NotImplementedError) as exc:
+        raise TypeError(f"the API returned a value that cannot be sent as JSON: {exc}") from exc
+
+
+def sse_event(value: Any) -> bytes:
+    data = value if isinstance(value, str) else json_encoder.encode(value).decode()
+    return b"".join(b"data: " + line.encode() + b"\n" for line in data.split("\n")) + b"\n"
+
+
+def media_type(content_type: str | None) -> str:
+    if not content_type:
+        return ""
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+def is_ndarray(ann: Any) -> bool:
+    return is_ndarray_type(ann) or array_spec(ann) is not None

@@ -1,0 +1,112 @@
+"""Prometheus metrics kept in plain dicts: cheap enough to update on every request.
+
+Each worker process keeps its own values; with ``--workers N`` every sample carries a ``worker`` label so a
+scraper that reaches any worker can tell them apart.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from typing import Iterable
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def _labels(names: tuple[str, ...], values: tuple[str, ...], extra: str = "") -> str:
+    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values)]
+    if extra:
+        parts.append(extra)
+    return "{" + ",".join(parts) + "}" if parts else ""
+
+
+def _escape(value: str) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _num(v: float) -> str:
+    if v == math.inf:
+        return "+Inf"
+    return str(int(v)) if float(v).is_integer() and abs(v) < 1e15 else repr(float(v))
+
+
+class Counter:
+    kind = "counter"
+
+    def __init__(self, name: str, help: str, labels: tuple[str, ...] = ()) -> None:
+        self.name, self.help, self.label_names = name, help, labels
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def inc(self, labels: tuple[str, ...] = (), amount: float = 1.0) -> None:
+        self.values[labels] = self.values.get(labels, 0.0) + amount
+
+    def samples(self, const: tuple[tuple[str, str], ...]) -> Iterable[str]:
+        names = self.label_names + tuple(n for n, _ in const)
+        for labels, value in sorted(self.values.items()):
+            yield f"{self.name}{_labels(names, labels + tuple(v for _, v in const))} {_num(value)}"
+
+
+class Gauge(Counter):
+    kind = "gauge"
+
+    def set(self, labels: tuple[str, ...], value: float) -> None:
+        self.values[labels] = value
+
+
+class Histogram:
+    kind = "histogram"
+
+    def __init__(self, name: str, help: str, labels: tuple[str, ...] = (), buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.name, self.help, self.label_names = name, help, labels
+        self.buckets = tuple(buckets)
+        self.values: dict[tuple[str, ...], list[float]] = {}
+
+    def observe(self, labels: tuple[str, ...], value: float) -> None:
+        row = self.values.get(labels)
+        if row is None:
+            # per-bucket counts (non-cumulative), then +Inf, then sum
+            row = self.values[labels] = [0.0] * (len(self.buckets) + 2)
+        row[bisect.bisect_left(self.buckets, value)] += 1
+        row[-1] += value
+
+    def samples(self, const: tuple[tuple[str, str], ...]) -> Iterable[str]:
+        names = self.label_names + tuple(n for n, _ in const)
+        for labels, row in sorted(self.values.items()):
+            values = labels + tuple(v for _, v in const)
+            running = 0.0
+            for bound, count in zip(self.buckets + (math.inf,), row[:-1]):
+                running += count
+                le = 'le="' + _num(bound) + '"'
+                yield f"{self.name}_bucket{_labels(names, values, le)} {_num(running)}"
+            yield f"{self.name}_sum{_labels(names, values)} {repr(row[-1])}"
+            yield f"{self.name}_count{_labels(names, values)} {_num(running)}"
+
+
+class Registry:
+    """The metrics of one server process."""
+
+    def __init__(self, const_labels: dict[str, str] | None = None) -> None:
+        self.const = tuple(sorted((const_labels or {}).items()))
+        self.metrics: list[Counter | Histogram] = []
+        self.requests = self.add(
+            Counter("bento_like_requests_total", "HTTP requests answered, by API and status code", ("api", "status"))
+        )
+        self.latency = self.add(
+            Histogram("bento_like_request_duration_seconds", "Time from request start to response, by API", ("api",))
+        )
+        self.in_flight = self.add(Gauge("bento_like_requests_in_flight", "Requests being handled now, by API", ("api",)))
+        self.rejections = self.add(
+            Counter("bento_like_rejections_total", "Requests refused before running, by API and reason", ("api", "reason"))
+        )
+
+    def add(self, metric):  # type: ignore[no-untyped-def]
+        self.metrics.append(metric)
+        return metric
+
+    def render(self) -> str:
+        lines: list[str] = []
+        for m in self.metrics:
+            lines.append(f"# HELP {m.name} {m.help}")
+            lines.append(f"# TYPE {m.name} {m.kind}")
+            lines.extend(m.samples(self.const))
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,293 @@
+"""The HTTP endpoint of one API, written against ASGI directly: it is the hot path of every request.
+
+Order of work for a request: readiness and concurrency gates (cheap refusals first), body read under the size
+limit, decode and validate, run on an instance under the deadline, encode. Every outcome is counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import sys
+import time
+import uuid
+from typing import Any, Awaitable, Callable
+
+from starlette.requests import Request
+from starlette.types import Receive, Scope, Send
+
+from ..sdk.api import APIConfig
+from ..sdk.io import File
+from .codecs import (
+    JSON,
+    MULTIPART,
+    OCTET,
+    SSE,
+    InputCodec,
+    encode_result,
+    media_type,
+    output_kind,
+    sse_event,
+)
+from .errors import HTTPError, too_many_requests, unavailable
+
+log = logging.getLogger("bento_like.serving")
+
+if sys.version_info >= (3, 11):
+    _timeout = asyncio.timeout
+else:  # pragma: no cover - exercised on 3.10 only
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def _timeout(delay: float):  # type: ignore[no-redef]
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        expired = False
+
+        def fire() -> None:
+            nonlocal expired
+            expired = True
+            task.cancel()
+
+        handle = loop.call_later(delay, fire)
+        try:
+            yield
+        except asyncio.CancelledError:
+            if expired:
+                raise TimeoutError from None
+            raise
+        finally:
+            handle.cancel()
+
+
+class APIEndpoint:
+    """ASGI app for ``POST <route>`` of one API."""
+
+    def __init__(self, state: Any, attr: str, config: APIConfig) -> None:
+        self.state = state
+        self.attr = attr
+        self.config = config
+        func = getattr(state.spec.cls, attr)
+        self.codec = InputCodec(config, func)
+        self.output = output_kind(func)
+        self.is_async = inspect.iscoroutinefunction(func)
+        self.is_async_gen = inspect.isasyncgenfunction(func)
+        self.is_gen = inspect.isgeneratorfunction(func)
+        self.name = config.name
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = self.state
+        started = time.perf_counter()
+        status = 500
+        state.in_flight += 1
+        state.metrics.in_flight.inc((self.name,))
+        try:
+            status = await self._handle(scope, receive, send)
+        except HTTPError as exc:
+            status = exc.status
+            if status in (429, 503):
+                state.metrics.rejections.inc((self.name, "overload" if status == 429 else "not_ready"))
+            await _send_error(send, exc)
+        except TimeoutError:
+            status = 504
+            state.metrics.rejections.inc((self.name, "timeout"))
+            await _send_error(send, HTTPError(504, f"API {self.name!r} did not finish within {state.timeout:g} s"))
+        except Exception:
+            status = 500
+            error_id = uuid.uuid4().hex[:12]
+            log.exception("error %s in API %r", error_id, self.name)
+            await _send_error(
+                send,
+                HTTPError(
+                    500,
+                    f"API {self.name!r} raised an exception (error id {error_id}); the server log has the traceback",
+                    error_id=error_id,
+                ),
+            )
+        finally:
+            state.in_flight -= 1
+            state.metrics.in_flight.inc((self.name,), -1)
+            state.metrics.requests.inc((self.name, str(status)))
+            state.metrics.latency.observe((self.name,), time.perf_counter() - started)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> int:
+        state = self.state
+        if not state.ready:
+            if state.failure:
+                raise HTTPError(503, f"service {state.spec.name!r} failed to start: {state.failure}")
+            raise unavailable(f"service {state.spec.name!r} is starting: its instances are not ready yet", 1)
+        if state.max_concurrency is not None and state.in_flight > state.max_concurrency:
+            raise too_many_requests(
+                f"service {state.spec.name!r} is at its limit of {state.max_concurrency} concurrent requests", 1
+            )
+        content_type = content_length = None
+        for key, value in scope["headers"]:
+            if key == b"content-type":
+                content_type = value.decode("latin-1")
+            elif key == b"content-length":
+                content_length = value
+        limit = state.max_body_size
+        if content_length is not None:
+            try:
+                declared = int(content_length)
+            except ValueError:
+                raise HTTPError(400, "the Content-Length header is not a number") from None
+            if declared > limit:
+                raise _too_large(limit)
+        mtype = media_type(content_type)
+        codec = self.codec
+        if mtype == JSON or mtype == "" or mtype.endswith("+json"):
+            kwargs = codec.decode_json(await _read_body(receive, limit))
+        elif mtype == MULTIPART and codec.params:
+            kwargs = codec.decode_form(await _read_form(scope, _limited(receive, limit)))
+        elif codec.raw_param is not None and (mtype == OCTET or not mtype.startswith(("text/", "application/x-www"))):
+            kwargs = codec.decode_raw(await _read_body(receive, limit), content_type)
+        else:
+            accepted = [JSON] + ([MULTIPART] if codec.params else []) + ([OCTET] if codec.raw_param else [])
+            raise HTTPError(
+                415, f"unsupported Content-Type {mtype!r} for API {self.name!r}; send one of: {', '.join(accepted)}"
+            )
+        instance = state.pool.pick()
+        method = getattr(instance.obj, self.attr)
+        if self.is_gen or self.is_async_gen:
+            return await self._stream(send, method, kwargs)
+        instance.in_flight += 1
+        try:
+            async with _timeout(state.timeout):
+                if self.is_async:
+                    result = await method(**kwargs)
+                else:
+                    result = await asyncio.get_running_loop().run_in_executor(
+                        state.executor, functools.partial(method, **kwargs)
+                    )
+        finally:
+            instance.in_flight -= 1
+        if isinstance(result, _RESPONSE_TYPES):
+            await result(scope, receive, send)
+            return result.status_code
+        body, ctype = encode_result(result)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+        return 200
+
+    async def _stream(self, send: Send, method: Callable[..., Any], kwargs: dict[str, Any]) -> int:
+        if self.is_async_gen:
+            agen = method(**kwargs)
+            next_item: Callable[[], Awaitable[Any]] = agen.__anext__
+            stop: type[BaseException] = StopAsyncIteration
+        else:
+            gen = method(**kwargs)
+            loop = asyncio.get_running_loop()
+            sentinel = object()
+            next_item = lambda: loop.run_in_executor(self.state.executor, next, gen, sentinel)  # noqa: E731
+            stop = StopIteration
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", SSE.encode()), (b"cache-control", b"no-cache")],
+            }
+        )
+        try:
+            while True:
+                try:
+                    item = await next_item()
+                except stop:
+                    break
+                if not self.is_async_gen and item is sentinel:
+                    break
+                await send({"type": "http.response.body", "body": sse_event(item), "more_body": True})
+        except Exception:
+            error_id = uuid.uuid4().hex[:12]
+            log.exception("error %s in streaming API %r", error_id, self.name)
+            event = b"event: error\n" + sse_event({"error": f"stream failed (error id {error_id})", "error_id": error_id})
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        return 200
+
+
+def _too_large(limit: int) -> HTTPError:
+    return HTTPError(413, f"request body is larger than the limit of {limit} bytes", limit=limit)
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    message = await receive()
+    body = message.get("body", b"")
+    if not message.get("more_body", False):
+        if len(body) > limit:
+            raise _too_large(limit)
+        return body
+    chunks = [body]
+    size = len(body)
+    while message.get("more_body", False):
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise HTTPError(400, "the client disconnected before sending the whole body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    seen = 0
+
+    async def wrapped() -> Any:
+        nonlocal seen
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if seen > limit:
+            raise _too_large(limit)
+        return message
+
+    return wrapped
+
+
+async def _read_form(scope: Scope, receive: Receive) -> dict[str, Any]:
+    request = Request(scope, receive)
+    try:
+        form = await request.form()
+    except HTTPError:
+        raise
+    except Exception as exc:
+        raise HTTPError(400, f"malformed multipart body: {exc}") from None
+    values: dict[str, Any] = {}
+    try:
+        for key, value in form.multi_items():
+            if hasattr(value, "read"):
+                values[key] = File(await value.read(), filename=value.filename, content_type=value.content_type)
+            else:
+                values[key] = value
+    finally:
+        await form.close()
+    return values
+
+
+async def _send_error(send: Send, exc: HTTPError) -> None:
+    body = exc.body()
+    headers = [(b"content-type", JSON.encode()), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+    try:
+        await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+    except Exception:  # the response had already started (a failing stream) or the client is gone
+        log.debug("could not send error response", exc_info=True)
+
+
+def _response_types() -> tuple[type, ...]:
+    from starlette.responses import Response
+
+    return (Response,)
+
+
+_RESPONSE_TYPES = _response_types()
