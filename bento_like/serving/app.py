@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
@@ -25,6 +24,7 @@ from starlette.staticfiles import StaticFiles
 from .. import __version__
 from ..sdk.service import ServiceSpec
 from .errors import HTTPError
+from .deadlines import Watchdog
 from .instances import InstancePool
 from .metrics import Registry
 from .openapi import SWAGGER_HTML, build_openapi
@@ -52,9 +52,7 @@ class ServerState:
         self.max_body_size = options.max_body_size or traffic.max_body_size
         self.metrics = Registry({"worker": options.worker_id} if options.worker_id else None)
         self.pool = InstancePool(spec)
-        self.executor = ThreadPoolExecutor(
-            max_workers=max(4, min(64, self.max_concurrency or 32)), thread_name_prefix="bento-api"
-        )
+        self.watchdog = Watchdog()
         self.in_flight = 0
         self.ready = False
         self.failure: str | None = None
@@ -114,22 +112,39 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None) -> Starle
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        state.watchdog.start()
         starting = asyncio.create_task(state.start())
         yield
         if not starting.done():
             starting.cancel()
-        if state.ready:
-            state.ready = False
-            await state.pool.stop()
-        state.executor.shutdown(wait=False, cancel_futures=True)
+        state.ready = False
+        await state.pool.stop()
+        state.watchdog.stop()
 
-    app = Starlette(
+    app = ServiceApp(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_exception, HTTPError: _http_error},
     )
+    app.api_routes = {ep.config.route: ep for ep in endpoints}
     app.state.server = state
+    state.metrics.in_flight.collect = lambda: {(ep.name,): ep.in_flight for ep in endpoints}
     return app
+
+
+class ServiceApp(Starlette):
+    """Starlette, with a dict lookup in front for the API routes: the common request skips the router."""
+
+    api_routes: dict[str, APIEndpoint]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
+            endpoint = self.api_routes.get(scope["path"])
+            if endpoint is not None:
+                scope["app"] = self
+                await endpoint(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:

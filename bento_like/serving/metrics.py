@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -47,10 +47,21 @@ class Counter:
 
 
 class Gauge(Counter):
+    """A gauge whose values may be read at scrape time from ``collect`` instead of being set on the hot path."""
+
     kind = "gauge"
+
+    def __init__(self, name: str, help: str, labels: tuple[str, ...] = ()) -> None:
+        super().__init__(name, help, labels)
+        self.collect: Callable[[], dict[tuple[str, ...], float]] | None = None
 
     def set(self, labels: tuple[str, ...], value: float) -> None:
         self.values[labels] = value
+
+    def samples(self, const: tuple[tuple[str, str], ...]) -> Iterable[str]:
+        if self.collect is not None:
+            self.values = dict(self.collect())
+        return super().samples(const)
 
 
 class Histogram:

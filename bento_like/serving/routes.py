@@ -6,11 +6,8 @@ limit, decode and validate, run on an instance under the deadline, encode. Every
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import inspect
 import logging
-import sys
 import time
 import uuid
 from typing import Any, Awaitable, Callable
@@ -35,33 +32,6 @@ from .errors import HTTPError, too_many_requests, unavailable
 
 log = logging.getLogger("bento_like.serving")
 
-if sys.version_info >= (3, 11):
-    _timeout = asyncio.timeout
-else:  # pragma: no cover - exercised on 3.10 only
-    from contextlib import asynccontextmanager
-
-    @asynccontextmanager
-    async def _timeout(delay: float):  # type: ignore[no-redef]
-        task = asyncio.current_task()
-        loop = asyncio.get_running_loop()
-        expired = False
-
-        def fire() -> None:
-            nonlocal expired
-            expired = True
-            task.cancel()
-
-        handle = loop.call_later(delay, fire)
-        try:
-            yield
-        except asyncio.CancelledError:
-            if expired:
-                raise TimeoutError from None
-            raise
-        finally:
-            handle.cancel()
-
-
 class APIEndpoint:
     """ASGI app for ``POST <route>`` of one API."""
 
@@ -76,13 +46,16 @@ class APIEndpoint:
         self.is_async_gen = inspect.isasyncgenfunction(func)
         self.is_gen = inspect.isgeneratorfunction(func)
         self.name = config.name
+        self.in_flight = 0
+        self._labels = (config.name,)
+        self._status_labels: dict[int, tuple[str, str]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = self.state
         started = time.perf_counter()
         status = 500
         state.in_flight += 1
-        state.metrics.in_flight.inc((self.name,))
+        self.in_flight += 1
         try:
             status = await self._handle(scope, receive, send)
         except HTTPError as exc:
@@ -108,9 +81,12 @@ class APIEndpoint:
             )
         finally:
             state.in_flight -= 1
-            state.metrics.in_flight.inc((self.name,), -1)
-            state.metrics.requests.inc((self.name, str(status)))
-            state.metrics.latency.observe((self.name,), time.perf_counter() - started)
+            self.in_flight -= 1
+            labels = self._status_labels.get(status)
+            if labels is None:
+                labels = self._status_labels[status] = (self.name, str(status))
+            state.metrics.requests.inc(labels)
+            state.metrics.latency.observe(self._labels, time.perf_counter() - started)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> int:
         state = self.state
@@ -152,16 +128,11 @@ class APIEndpoint:
         instance = state.pool.pick()
         method = getattr(instance.obj, self.attr)
         if self.is_gen or self.is_async_gen:
-            return await self._stream(send, method, kwargs)
+            return await self._stream(send, instance, method, kwargs)
         instance.in_flight += 1
         try:
-            async with _timeout(state.timeout):
-                if self.is_async:
-                    result = await method(**kwargs)
-                else:
-                    result = await asyncio.get_running_loop().run_in_executor(
-                        state.executor, functools.partial(method, **kwargs)
-                    )
+            call = method(**kwargs) if self.is_async else instance.runner.submit(method, **kwargs)
+            result = await state.watchdog.run(call, state.timeout)
         finally:
             instance.in_flight -= 1
         if isinstance(result, _RESPONSE_TYPES):
@@ -178,16 +149,15 @@ class APIEndpoint:
         await send({"type": "http.response.body", "body": body})
         return 200
 
-    async def _stream(self, send: Send, method: Callable[..., Any], kwargs: dict[str, Any]) -> int:
+    async def _stream(self, send: Send, instance: Any, method: Callable[..., Any], kwargs: dict[str, Any]) -> int:
         if self.is_async_gen:
             agen = method(**kwargs)
             next_item: Callable[[], Awaitable[Any]] = agen.__anext__
             stop: type[BaseException] = StopAsyncIteration
         else:
             gen = method(**kwargs)
-            loop = asyncio.get_running_loop()
             sentinel = object()
-            next_item = lambda: loop.run_in_executor(self.state.executor, next, gen, sentinel)  # noqa: E731
+            next_item = lambda: instance.runner.submit(next, gen, sentinel)  # noqa: E731
             stop = StopIteration
         await send(
             {

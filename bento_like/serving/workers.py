@@ -6,9 +6,12 @@ Graceful stop is uvicorn's: on SIGTERM it stops accepting, lets in-flight reques
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
+import threading
 from dataclasses import asdict
 from pathlib import Path
 
@@ -61,7 +64,36 @@ def serve(
         )
         return
     app = create_app(spec, options)
-    uvicorn.Server(uvicorn.Config(app, **common)).run()
+    _Server(uvicorn.Config(app, **common)).run()
+
+
+def _server_class():  # type: ignore[no-untyped-def]
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, except that a SIGTERM/SIGINT it handled gracefully ends the process with 0.
+
+        uvicorn re-raises the signal after its graceful shutdown, so the process dies "by signal"; an
+        orchestrator (and a user's shell) should see a clean exit when every request was answered.
+        """
+
+        @contextlib.contextmanager
+        def capture_signals(self):  # type: ignore[no-untyped-def]
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server
+
+
+def _Server(config):  # type: ignore[no-untyped-def]
+    return _server_class()(config)
 
 
 def app_from_env():  # type: ignore[no-untyped-def]

@@ -1,0 +1,127 @@
+"""Process-level behaviour of `pkg serve`: readiness, graceful SIGTERM, overload, workers, reload."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+HERE = Path(__file__).parent
+SERVICES = HERE / "services"
+
+
+def test_readyz_is_503_until_instances_are_built(start_server, tmp_path: Path) -> None:
+    server = start_server("full.py:Full", cwd=SERVICES, ready=False, env={"INIT_DELAY": "3"})
+    deadline = time.monotonic() + 20
+    seen_503 = False
+    while time.monotonic() < deadline:
+        try:
+            live = httpx.get(server.url + "/livez", timeout=1)
+        except httpx.TransportError:
+            time.sleep(0.05)
+            continue
+        assert live.status_code == 200
+        ready = httpx.get(server.url + "/readyz", timeout=1)
+        if ready.status_code == 503:
+            seen_503 = True
+            api = httpx.post(server.url + "/tag", json={"item": {"text": "early"}}, timeout=1)
+            assert api.status_code == 503 and api.headers["retry-after"] == "1"
+        elif ready.status_code == 200:
+            break
+        time.sleep(0.1)
+    assert seen_503, "readyz never reported not-ready during a 3 s __init__"
+    server.wait_ready()
+
+
+def test_sigterm_finishes_in_flight_requests_runs_shutdown_hooks_and_exits_0(start_server, tmp_path: Path) -> None:
+    hooks = tmp_path / "hooks.log"
+    server = start_server("full.py:Full", cwd=SERVICES, env={"HOOK_LOG": str(hooks)})
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(httpx.post, server.url + "/slow", json={"seconds": 1.0}, timeout=10) for _ in range(3)]
+        time.sleep(0.4)  # the requests are in flight
+        server.proc.send_signal(signal.SIGTERM)
+        results = [f.result() for f in futures]
+    assert [r.status_code for r in results] == [200, 200, 200]
+    assert server.proc.wait(15) == 0
+    assert hooks.read_text().split() == ["startup", "shutdown"]
+    with pytest.raises(httpx.TransportError):
+        httpx.get(server.url + "/livez", timeout=1)
+
+
+def test_max_concurrency_answers_429_with_retry_after_at_once(start_server) -> None:
+    server = start_server("limits.py:Limited", cwd=SERVICES)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        slow = [pool.submit(httpx.post, server.url + "/wait", json={"seconds": 1.5}, timeout=10) for _ in range(2)]
+        time.sleep(0.3)
+        started = time.monotonic()
+        extra = httpx.post(server.url + "/wait", json={"seconds": 0}, timeout=10)
+        refused_in = time.monotonic() - started
+        assert extra.status_code == 429
+        assert int(extra.headers["retry-after"]) >= 1
+        assert refused_in < 0.5
+        assert [f.result().status_code for f in slow] == [200, 200]
+    assert httpx.post(server.url + "/wait", json={"seconds": 0}, timeout=10).status_code == 200
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'bento_like_rejections_total{api="wait",reason="overload"} 1' in metrics
+
+
+def test_workers_share_the_port(start_server) -> None:
+    server = start_server("limits.py:Limited", cwd=SERVICES, args=["--workers", "2"])
+    pids = set()
+    deadline = time.monotonic() + 20
+    while len(pids) < 2 and time.monotonic() < deadline:
+        # new connections are spread over the processes by the kernel
+        with httpx.Client(base_url=server.url) as client:
+            r = client.post("/pid", json={})
+            if r.status_code == 200:
+                pids.add(r.json())
+    assert len(pids) == 2
+    assert server.stop() == 0
+
+
+def test_reload_restarts_on_source_change(start_server, tmp_path: Path) -> None:
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    source = app_dir / "svc.py"
+    source.write_text(
+        "import bento_like as bl\n\n@bl.service\nclass S:\n    @bl.api\n    def version(self) -> int:\n        return 1\n"
+    )
+    server = start_server("svc.py:S", cwd=app_dir, args=["--reload"])
+    assert httpx.post(server.url + "/version", json={}).json() == 1
+    source.write_text(source.read_text().replace("return 1", "return 2"))
+    deadline = time.monotonic() + 30
+    value = None
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.post(server.url + "/version", json={}, timeout=2)
+            value = r.json() if r.status_code == 200 else value
+        except httpx.TransportError:
+            pass
+        if value == 2:
+            break
+        time.sleep(0.2)
+    assert value == 2
+
+
+def test_broken_service_fails_with_a_clear_message(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "bad.py").write_text("class NotAService:\n    pass\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "bento_like", "serve", "bad.py:NotAService", "--port", "1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode != 0
+    assert "decorate the class with @bento_like.service" in r.stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "bento_like", "serve", "missing.py:X", "--port", "1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode != 0 and "does not exist" in r.stderr
