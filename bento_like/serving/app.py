@@ -24,6 +24,7 @@ from starlette.staticfiles import StaticFiles
 from .. import __version__
 from ..sdk.service import ServiceSpec
 from .errors import HTTPError
+from .batching import Batcher
 from .deadlines import Watchdog
 from .instances import InstancePool
 from .metrics import Registry
@@ -31,6 +32,8 @@ from .openapi import SWAGGER_HTML, build_openapi
 from .routes import APIEndpoint
 
 log = logging.getLogger("bento_like.serving")
+
+DEFAULT_MAX_QUEUE = 1024
 
 
 @dataclass
@@ -40,6 +43,8 @@ class ServeOptions:
     timeout: float | None = None
     max_concurrency: int | None = None
     max_body_size: int | None = None
+    max_queue: int | None = None
+    workers: int = 1
     worker_id: str | None = None
 
 
@@ -50,9 +55,11 @@ class ServerState:
         self.timeout = options.timeout or traffic.timeout
         self.max_concurrency = options.max_concurrency or traffic.max_concurrency
         self.max_body_size = options.max_body_size or traffic.max_body_size
+        self.max_queue = options.max_queue or traffic.max_queue or DEFAULT_MAX_QUEUE
         self.metrics = Registry({"worker": options.worker_id} if options.worker_id else None)
-        self.pool = InstancePool(spec)
+        self.pool = InstancePool(spec, workers=options.workers)
         self.watchdog = Watchdog()
+        self.endpoints: list[APIEndpoint] = []
         self.in_flight = 0
         self.ready = False
         self.failure: str | None = None
@@ -60,12 +67,34 @@ class ServerState:
     async def start(self) -> None:
         try:
             await self.pool.start()
+            await self.warm_up()
         except Exception as exc:
             self.failure = f"{type(exc).__name__}: {exc}"
             log.exception("building the instances of %s failed; the server will not become ready", self.spec.name)
             return
         self.ready = True
         log.info("service %s is ready", self.spec.name)
+
+    async def warm_up(self) -> None:
+        """Run each API whose inputs can be made up (arrays of declared shape) before turning ready."""
+        for ep in self.endpoints:
+            if ep.batcher is not None:
+                example = ep.codec.example(1, ep.config.input_batch_dim)
+                if example is not None:
+                    await ep.batcher.warm_up(example[ep.config.params[0]])
+                ep.batcher.start()
+                continue
+            example = ep.codec.example(1)
+            if example is None or ep.is_gen or ep.is_async_gen:
+                continue
+            for inst in self.pool.instances:
+                method = getattr(inst.obj, ep.attr)
+                await (method(**example) if ep.is_async else inst.runner.submit(method, **example))
+
+    def stop_batchers(self) -> None:
+        for ep in self.endpoints:
+            if ep.batcher is not None:
+                ep.batcher.stop()
 
 
 def create_app(spec: ServiceSpec, options: ServeOptions | None = None) -> Starlette:
@@ -74,6 +103,10 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None) -> Starle
         os.environ.setdefault(key, value)
     state = ServerState(spec, options)
     endpoints = [APIEndpoint(state, entry.attr, entry.config) for entry in spec.apis]
+    state.endpoints = endpoints
+    for ep in endpoints:
+        if ep.config.batchable:
+            ep.batcher = Batcher(state, ep.attr, ep.config, ep.is_async, state.max_queue)
     openapi = msgspec.json.encode(build_openapi(spec.name, __version__, endpoints))
     docs_html = SWAGGER_HTML.format(title=spec.name)
 
@@ -118,6 +151,7 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None) -> Starle
         if not starting.done():
             starting.cancel()
         state.ready = False
+        state.stop_batchers()
         await state.pool.stop()
         state.watchdog.stop()
 
@@ -129,6 +163,9 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None) -> Starle
     app.api_routes = {ep.config.route: ep for ep in endpoints}
     app.state.server = state
     state.metrics.in_flight.collect = lambda: {(ep.name,): ep.in_flight for ep in endpoints}
+    state.metrics.queue_depth.collect = lambda: {
+        (ep.name,): ep.batcher.queued_requests for ep in endpoints if ep.batcher is not None
+    }
     return app
 
 

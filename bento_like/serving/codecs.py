@@ -99,6 +99,20 @@ class InputCodec:
         self.raw_param = params[0] if len(params) == 1 and params[0].kind in ("bytes", "file") else None
         self.accepts_multipart = any(p.kind in ("bytes", "file") for p in params) or bool(params)
 
+    def example(self, items: int, batch_dim: int = 0) -> dict[str, Any] | None:
+        """Zero-filled arguments for warm-up, when every input is an array of declared shape (else None)."""
+        kwargs: dict[str, Any] = {}
+        for p in self.params:
+            if p.array is None or p.array.shape is None:
+                if p.required:
+                    return None
+                continue
+            shape = [1 if d == -1 else d for d in p.array.shape]
+            if self.api.batchable and batch_dim < len(shape):
+                shape[batch_dim] = items
+            kwargs[p.name] = np.zeros(shape, dtype=p.array.dtype or "float32")
+        return kwargs
+
     def decode_json(self, body: bytes) -> dict[str, Any]:
         if not body.strip():
             if any(p.required for p in self.params):

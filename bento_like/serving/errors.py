@@ -11,10 +11,11 @@ class HTTPError(Exception):
     """An error that becomes a response: status, message, and optional extra fields and headers."""
 
     def __init__(
-        self, status: int, message: str, *, headers: dict[str, str] | None = None, **extra: Any
+        self, status: int, message: str, *, headers: dict[str, str] | None = None, reason: str | None = None, **extra: Any
     ) -> None:
         super().__init__(message)
         self.status = status
+        self.reason = reason  # why a request was refused, for the rejections metric; not sent
         self.message = message
         self.headers = headers or {}
         self.extra = extra
@@ -41,8 +42,8 @@ def validation_error(message: str) -> HTTPError:
     return HTTPError(422, f"{message} (at {field})", field=field)
 
 
-def too_many_requests(message: str, retry_after: float) -> HTTPError:
-    return HTTPError(429, message, headers={"Retry-After": _seconds(retry_after)})
+def too_many_requests(message: str, retry_after: float, reason: str = "overload") -> HTTPError:
+    return HTTPError(429, message, headers={"Retry-After": _seconds(retry_after)}, reason=reason)
 
 
 def unavailable(message: str, retry_after: float) -> HTTPError:

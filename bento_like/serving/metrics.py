@@ -10,6 +10,7 @@ import bisect
 import math
 from typing import Callable, Iterable
 
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -107,7 +108,22 @@ class Registry:
         )
         self.in_flight = self.add(Gauge("bento_like_requests_in_flight", "Requests being handled now, by API", ("api",)))
         self.rejections = self.add(
-            Counter("bento_like_rejections_total", "Requests refused before running, by API and reason", ("api", "reason"))
+            Counter(
+                "bento_like_rejections_total",
+                "Requests refused or dropped before running, by API and reason "
+                "(overload, queue_full, latency, deadline, not_ready, timeout, disconnected)",
+                ("api", "reason"),
+            )
+        )
+        self.queue_depth = self.add(Gauge("bento_like_queue_depth", "Requests waiting in a batch queue, by API", ("api",)))
+        self.batch_size = self.add(
+            Histogram("bento_like_batch_size", "Items per executed batch, by API", ("api",), BATCH_BUCKETS)
+        )
+        self.queue_wait = self.add(
+            Histogram("bento_like_queue_wait_seconds", "Time a request waited in the batch queue, by API", ("api",))
+        )
+        self.execution = self.add(
+            Histogram("bento_like_batch_execution_seconds", "Time one batch ran on an instance, by API", ("api",))
         )
 
     def add(self, metric):  # type: ignore[no-untyped-def]

@@ -6,6 +6,7 @@ limit, decode and validate, run on an instance under the deadline, encode. Every
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
@@ -46,6 +47,7 @@ class APIEndpoint:
         self.is_async_gen = inspect.isasyncgenfunction(func)
         self.is_gen = inspect.isgeneratorfunction(func)
         self.name = config.name
+        self.batcher: Any = None  # set by the app for batchable APIs
         self.in_flight = 0
         self._labels = (config.name,)
         self._status_labels: dict[int, tuple[str, str]] = {}
@@ -58,15 +60,13 @@ class APIEndpoint:
         self.in_flight += 1
         try:
             status = await self._handle(scope, receive, send)
+        except _ClientGone:
+            status = 499  # nginx's "client closed request": nobody is left to answer
         except HTTPError as exc:
             status = exc.status
-            if status in (429, 503):
-                state.metrics.rejections.inc((self.name, "overload" if status == 429 else "not_ready"))
+            if status in _REFUSALS:
+                state.metrics.rejections.inc((self.name, exc.reason or _REFUSALS[status]))
             await _send_error(send, exc)
-        except TimeoutError:
-            status = 504
-            state.metrics.rejections.inc((self.name, "timeout"))
-            await _send_error(send, HTTPError(504, f"API {self.name!r} did not finish within {state.timeout:g} s"))
         except Exception:
             status = 500
             error_id = uuid.uuid4().hex[:12]
@@ -98,12 +98,19 @@ class APIEndpoint:
             raise too_many_requests(
                 f"service {state.spec.name!r} is at its limit of {state.max_concurrency} concurrent requests", 1
             )
+        if self.batcher is None and self.in_flight > state.max_queue:
+            raise too_many_requests(
+                f"API {self.name!r} has {self.in_flight - 1} requests in progress, its limit (max_queue)", 1, "queue_full"
+            )
         content_type = content_length = None
+        timeout = state.timeout
         for key, value in scope["headers"]:
             if key == b"content-type":
                 content_type = value.decode("latin-1")
             elif key == b"content-length":
                 content_length = value
+            elif key == b"x-request-timeout":
+                timeout = min(timeout, _parse_timeout(value))
         limit = state.max_body_size
         if content_length is not None:
             try:
@@ -125,6 +132,9 @@ class APIEndpoint:
             raise HTTPError(
                 415, f"unsupported Content-Type {mtype!r} for API {self.name!r}; send one of: {', '.join(accepted)}"
             )
+        if self.batcher is not None:
+            result = await self._batched(receive, kwargs, timeout)
+            return await self._respond(scope, receive, send, result)
         instance = state.pool.pick()
         method = getattr(instance.obj, self.attr)
         if self.is_gen or self.is_async_gen:
@@ -132,9 +142,45 @@ class APIEndpoint:
         instance.in_flight += 1
         try:
             call = method(**kwargs) if self.is_async else instance.runner.submit(method, **kwargs)
-            result = await state.watchdog.run(call, state.timeout)
+            result = await state.watchdog.run(call, timeout)
+        except TimeoutError:
+            raise _timed_out(self.name, timeout) from None
         finally:
             instance.in_flight -= 1
+        return await self._respond(scope, receive, send, result)
+
+    async def _batched(self, receive: Receive, kwargs: dict[str, Any], timeout: float) -> Any:
+        """Queue the input in the API's batcher; stop waiting if the client goes away."""
+        state = self.state
+        task = asyncio.current_task()
+        assert task is not None and self.batcher is not None
+        gone = False
+
+        async def watch_disconnect() -> None:
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone = True
+            task.cancel()
+
+        watcher = asyncio.get_running_loop().create_task(watch_disconnect())
+        deadline = asyncio.get_running_loop().time() + timeout
+        try:
+            return await state.watchdog.run(self.batcher.submit(kwargs[self.config.params[0]], deadline), timeout)
+        except TimeoutError:
+            raise _timed_out(self.name, timeout) from None
+        except asyncio.CancelledError:
+            if gone:
+                state.metrics.rejections.inc((self.name, "disconnected"))
+                uncancel = getattr(task, "uncancel", None)
+                if uncancel is not None:
+                    uncancel()
+                raise _ClientGone from None
+            raise
+        finally:
+            watcher.cancel()
+
+    async def _respond(self, scope: Scope, receive: Receive, send: Send, result: Any) -> int:
         if isinstance(result, _RESPONSE_TYPES):
             await result(scope, receive, send)
             return result.status_code
@@ -182,6 +228,27 @@ class APIEndpoint:
             await send({"type": "http.response.body", "body": event, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
         return 200
+
+
+_REFUSALS = {429: "overload", 503: "not_ready", 504: "timeout"}
+
+
+class _ClientGone(Exception):
+    """The client disconnected while its request waited; there is no one to answer."""
+
+
+def _timed_out(api: str, timeout: float) -> HTTPError:
+    return HTTPError(504, f"API {api!r} did not answer within the request's deadline of {timeout:g} s")
+
+
+def _parse_timeout(value: bytes) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise HTTPError(400, f"header X-Request-Timeout must be seconds as a number, got {value.decode('latin-1')!r}") from None
+    if not seconds > 0:
+        raise HTTPError(400, "header X-Request-Timeout must be > 0 seconds")
+    return seconds
 
 
 def _too_large(limit: int) -> HTTPError:

@@ -1,0 +1,459 @@
+"""Adaptive batching: one queue and one dispatcher per batchable API, over the instances of the service.
+
+The dispatcher learns how long a batch of each size takes (``LatencyModel``, from real executions) and how fast
+items arrive (``ArrivalRate``). When an instance is free it either flushes what is queued at once or waits a
+little for more, so that the oldest request's queue wait plus the predicted execution stays within
+``max_latency_ms``:
+
+- light traffic (fewer than one item expected to arrive during one execution): flush at once, so a lone
+  request never waits for company;
+- heavy traffic: wait for more items, at most until the batch would stop fitting the latency budget and never
+  longer than one execution of the current batch;
+- a full batch whose predicted time exceeds the budget is cut to the largest size that fits.
+
+Admission: a request is refused with 429 when the queue already holds ``max_queue`` requests, or when the
+model predicts it cannot complete within the budget behind what is already queued; a request that an idle
+instance could run at once is always admitted. Admitted requests are not dropped for lateness; only their
+deadline (the service timeout, or a shorter one from the client) drops them, before they reach the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import math
+import time
+import uuid
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from ..sdk.api import APIConfig
+from .errors import HTTPError, too_many_requests
+from .instances import Instance, InstancePool
+
+log = logging.getLogger("bento_like.serving")
+
+
+class LatencyModel:
+    """Execution seconds by batch size: an EWMA per observed size, interpolated linearly between sizes."""
+
+    def __init__(self, alpha: float = 0.2) -> None:
+        self.alpha = alpha
+        self.sizes: list[int] = []
+        self.seconds: dict[int, float] = {}
+
+    def observe(self, size: int, seconds: float) -> None:
+        old = self.seconds.get(size)
+        if old is None:
+            bisect.insort(self.sizes, size)
+            self.seconds[size] = seconds
+        else:
+            self.seconds[size] = old + self.alpha * (seconds - old)
+
+    def predict(self, size: int) -> float:
+        """Predicted seconds for a batch of ``size``; 0 before anything was observed."""
+        sizes = self.sizes
+        if not sizes:
+            return 0.0
+        exact = self.seconds.get(size)
+        if exact is not None:
+            return exact
+        i = bisect.bisect_left(sizes, size)
+        if i == 0:  # smaller than anything seen: a batch never takes longer than a bigger one
+            return self.seconds[sizes[0]]
+        if i == len(sizes):  # larger than anything seen: extrapolate, per item, from the largest
+            largest = sizes[-1]
+            if len(sizes) >= 2:
+                prev = sizes[-2]
+                slope = max(0.0, (self.seconds[largest] - self.seconds[prev]) / (largest - prev))
+                return self.seconds[largest] + slope * (size - largest)
+            return self.seconds[largest] * size / largest
+        lo, hi = sizes[i - 1], sizes[i]
+        t_lo, t_hi = self.seconds[lo], self.seconds[hi]
+        return t_lo + (t_hi - t_lo) * (size - lo) / (hi - lo)
+
+    def largest_within(self, budget: float, limit: int) -> int:
+        """The largest batch size up to ``limit`` predicted to finish within ``budget`` seconds (at least 1)."""
+        if self.predict(limit) <= budget:
+            return limit
+        lo, hi = 1, limit
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.predict(mid) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+
+class ArrivalRate:
+    """Items per second, exponentially decayed with time constant ``tau`` (cheap: two floats per arrival)."""
+
+    def __init__(self, tau: float = 0.25) -> None:
+        self.tau = tau
+        self.value = 0.0
+        self.last = time.monotonic()
+
+    def add(self, items: int, now: float) -> None:
+        self.value = self.value * math.exp(-(now - self.last) / self.tau) + items / self.tau
+        self.last = now
+
+    def get(self, now: float) -> float:
+        return self.value * math.exp(-(now - self.last) / self.tau)
+
+
+class Pending:
+    __slots__ = ("value", "items", "future", "arrival", "deadline", "dead")
+
+    def __init__(self, value: Any, items: int, future: asyncio.Future[Any], arrival: float, deadline: float) -> None:
+        self.value = value
+        self.items = items
+        self.future = future
+        self.arrival = arrival
+        self.deadline = deadline
+        self.dead = False
+
+
+class Batcher:
+    def __init__(self, state: Any, attr: str, config: APIConfig, is_async: bool, max_queue: int) -> None:
+        self.state = state
+        self.attr = attr
+        self.config = config
+        self.is_async = is_async
+        self.max_batch = config.max_batch_size
+        self.budget = config.max_latency_ms / 1000.0
+        self.in_dim = config.input_batch_dim
+        self.out_dim = config.output_batch_dim
+        self.preferred = config.preferred_batch_sizes
+        self.max_queue = max_queue
+        self.model = LatencyModel()
+        self.rate = ArrivalRate()
+        self.queue: deque[Pending] = deque()
+        self.queued_items = 0
+        self.queued_requests = 0
+        self.busy = 0  # batches of this API running now
+        self._arrived = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        labels = (config.name,)
+        metrics = state.metrics
+        self._batch_size = lambda n: metrics.batch_size.observe(labels, n)
+        self._queue_wait = lambda s: metrics.queue_wait.observe(labels, s)
+        self._execution = lambda s: metrics.execution.observe(labels, s)
+
+    @property
+    def pool(self) -> InstancePool:
+        return self.state.pool
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._dispatch_forever())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def warm_up(self, example: Any, rounds: int = 2) -> None:
+        """Run every instance once, then seed the latency model with batches of 1, 2, 4 ... max_batch_size."""
+        sizes = sorted({min(2**i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)} | set(self.preferred))
+        for instance in self.pool.instances:
+            await self._call(instance, self._slice(example, 0, 1))
+        instance = self.pool.instances[0]
+        for size in sizes:
+            batch = self._concat([example] * size, self.in_dim)
+            for _ in range(rounds):
+                started = time.perf_counter()
+                await self._call(instance, batch)
+                self.model.observe(size, time.perf_counter() - started)
+        log.info(
+            "API %r warmed up: %s",
+            self.config.name,
+            ", ".join(f"batch {n}: {self.model.predict(n) * 1000:.2f} ms" for n in sizes),
+        )
+
+    def _call(self, instance: Instance, inputs: Any) -> Any:
+        method = getattr(instance.obj, self.attr)
+        return method(inputs) if self.is_async else instance.runner.submit(method, inputs)
+
+    # -- requests ---------------------------------------------------------------------------------------
+
+    def count_items(self, value: Any) -> int:
+        if isinstance(value, np.ndarray):
+            if value.ndim <= self.in_dim:
+                raise HTTPError(
+                    422,
+                    f"API {self.config.name!r} batches along dimension {self.in_dim}, but the input has only "
+                    f"{value.ndim} dimension(s) (shape {value.shape}); send a batch, e.g. [[...]] for one item",
+                    field=f"$.{self.config.params[0]}",
+                )
+            return int(value.shape[self.in_dim])
+        if isinstance(value, (list, tuple)):
+            return len(value)
+        raise HTTPError(500, f"batchable API {self.config.name!r} got a {type(value).__name__}; batch inputs are arrays or lists")
+
+    async def submit(self, value: Any, deadline: float) -> Any:
+        """Queue one request's input; its result comes back cut from the batch it ran in."""
+        items = self.count_items(value)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self._admit(items, now)
+        self.rate.add(items, time.monotonic())
+        if items <= self.max_batch:
+            return await self._enqueue(value, items, now, deadline)
+        # Bigger than a batch: cut into full batches and put the answers back together in order.
+        chunks = [self._slice(value, s, min(s + self.max_batch, items)) for s in range(0, items, self.max_batch)]
+        parts = await asyncio.gather(
+            *(self._enqueue(c, self.count_items(c), now, deadline) for c in chunks), return_exceptions=True
+        )
+        for part in parts:
+            if isinstance(part, BaseException):
+                raise part
+        return self._concat(parts, self.out_dim)
+
+    def _admit(self, items: int, now: float) -> None:
+        name = self.config.name
+        if self.queued_requests >= self.max_queue:
+            raise too_many_requests(
+                f"API {name!r} has {self.queued_requests} requests queued, its limit (max_queue)", 1, "queue_full"
+            )
+        if not self.queued_items and self.busy < len(self.pool.instances):
+            return  # an instance is free for it now
+        predicted = self.predicted_completion(items)
+        if predicted > self.budget and predicted > self.model.predict(min(items, self.max_batch)) and self.model.sizes:
+            raise too_many_requests(
+                f"API {name!r} would answer in about {predicted * 1000:.0f} ms behind the queued requests, over its "
+                f"max_latency_ms of {self.config.max_latency_ms:g}",
+                predicted - self.budget,
+                "latency",
+            )
+
+    def predicted_completion(self, items: int) -> float:
+        """Seconds until a request of ``items`` arriving now would be answered, behind what is queued."""
+        instances = max(1, len(self.pool.instances))
+        total = self.queued_items + items
+        full = self.model.predict(self.max_batch)
+        rounds = math.ceil(math.ceil(total / self.max_batch) / instances)
+        running = full if self.busy >= instances else 0.0
+        return running + (rounds - 1) * full + self.model.predict(min(total, self.max_batch))
+
+    async def _enqueue(self, value: Any, items: int, now: float, deadline: float) -> Any:
+        pending = Pending(value, items, asyncio.get_running_loop().create_future(), now, deadline)
+        self.queue.append(pending)
+        self.queued_items += items
+        self.queued_requests += 1
+        self._arrived.set()
+        try:
+            return await pending.future
+        finally:
+            if not pending.dead:  # still queued: its deadline passed or its client went away
+                self._forget(pending)
+                if not pending.future.done():
+                    pending.future.cancel()
+
+    def _forget(self, pending: Pending) -> None:
+        pending.dead = True
+        self.queued_items -= pending.items
+        self.queued_requests -= 1
+
+    # -- dispatch ---------------------------------------------------------------------------------------
+
+    async def _dispatch_forever(self) -> None:
+        while True:
+            try:
+                while not self._live_head():
+                    self._arrived.clear()
+                    await self._arrived.wait()
+                instance = await self.pool.acquire()
+                try:
+                    batch = await self._form_batch()
+                except BaseException:
+                    self.pool.release(instance)
+                    raise
+                if not batch:
+                    self.pool.release(instance)
+                    continue
+                self.busy += 1
+                asyncio.get_running_loop().create_task(self._run(instance, batch))
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the dispatcher must outlive any one bad batch
+                log.exception("batch dispatcher of %r failed; continuing", self.config.name)
+
+    def _live_head(self) -> Pending | None:
+        """Drop dead and expired requests from the front of the queue; return the first live one."""
+        queue = self.queue
+        now = asyncio.get_running_loop().time()
+        while queue:
+            head = queue[0]
+            if head.dead or head.future.done():
+                queue.popleft()
+                if not head.dead:
+                    self._forget(head)
+                continue
+            if head.deadline <= now:
+                queue.popleft()
+                self._forget(head)
+                head.future.set_exception(
+                    HTTPError(
+                        504,
+                        f"API {self.config.name!r}: the request's deadline passed while it was queued; it never ran",
+                        reason="deadline",
+                    )
+                )
+                continue
+            return head
+        return None
+
+    def target_size(self, available: int, waited: float) -> int:
+        """How many items the next batch should hold: as many as fit the oldest request's remaining budget."""
+        return self.model.largest_within(self.budget - waited, self.max_batch) if self.model.sizes else self.max_batch
+
+    def wait_time(self, available: int, waited: float, now: float) -> float:
+        """Seconds worth waiting for more items before flushing ``available`` (0: flush now)."""
+        if available >= self.max_batch or not self.model.sizes:
+            return 0.0
+        rate = self.rate.get(now)
+        run_now = self.model.predict(available)
+        if rate * run_now < 1.0:  # light traffic: nobody else is coming soon
+            return 0.0
+        target = self.target_size(available, waited)
+        if self.preferred:
+            above = [p for p in self.preferred if p > available]
+            target = min(target, above[0]) if above else target
+        if target <= available:
+            return 0.0
+        slack = self.budget - waited - self.model.predict(target)
+        return max(0.0, min((target - available) / rate, slack, run_now))
+
+    async def _form_batch(self) -> list[Pending]:
+        loop = asyncio.get_running_loop()
+        flush_at: float | None = None
+        while True:
+            head = self._live_head()
+            if head is None:
+                return []
+            now = loop.time()
+            waited = now - head.arrival
+            available = self.queued_items
+            wait = self.wait_time(available, waited, time.monotonic())
+            flush_at = now + wait if flush_at is None else min(flush_at, now + wait)
+            if flush_at - now <= 0.0005:
+                break
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), flush_at - now)
+            except asyncio.TimeoutError:
+                break
+        return self._take(self.target_size(self.queued_items, loop.time() - head.arrival))
+
+    def _take(self, size: int) -> list[Pending]:
+        if self.preferred and self.queued_items < size:
+            fitting = [p for p in self.preferred if p <= self.queued_items]
+            size = fitting[-1] if fitting else size
+        batch: list[Pending] = []
+        items = 0
+        while self.queue and self._live_head() is not None:
+            head = self.queue[0]
+            if batch and items + head.items > size:
+                break
+            self.queue.popleft()
+            self._forget(head)
+            batch.append(head)
+            items += head.items
+        return batch
+
+    async def _run(self, instance: Instance, batch: list[Pending]) -> None:
+        now = asyncio.get_running_loop().time()
+        for p in batch:
+            self._queue_wait(now - p.arrival)
+        try:
+            await self._execute(instance, batch)
+        finally:
+            self.busy -= 1
+            self.pool.release(instance)
+            self._arrived.set()
+
+    async def _execute(self, instance: Instance, batch: list[Pending]) -> None:
+        """Run a batch; if it raises, split it and rerun the halves so only the failing requests fail."""
+        live = [p for p in batch if not p.future.done()]
+        if not live:
+            return
+        sizes = [p.items for p in live]
+        total = sum(sizes)
+        started = time.perf_counter()
+        try:
+            inputs = live[0].value if len(live) == 1 else self._concat([p.value for p in live], self.in_dim)
+            result = await self._call(instance, inputs)
+            parts = self._split(result, sizes)
+        except Exception as exc:
+            if len(live) == 1:
+                _fail(live[0], exc, self.config.name)
+                return
+            log.warning("batch of %d requests to %r failed (%s); bisecting", len(live), self.config.name, exc)
+            mid = len(live) // 2
+            await self._execute(instance, live[:mid])
+            await self._execute(instance, live[mid:])
+            return
+        elapsed = time.perf_counter() - started
+        self.model.observe(total, elapsed)
+        self._batch_size(total)
+        self._execution(elapsed)
+        for p, part in zip(live, parts):
+            if not p.future.done():
+                p.future.set_result(part)
+
+    def _split(self, result: Any, sizes: list[int]) -> list[Any]:
+        if len(sizes) == 1:
+            return [result]
+        total = sum(sizes)
+        if isinstance(result, np.ndarray):
+            if result.ndim <= self.out_dim or result.shape[self.out_dim] != total:
+                raise ValueError(
+                    f"API {self.config.name!r} returned shape {result.shape} for a batch of {total} along dimension "
+                    f"{self.out_dim}; a batchable API returns one result per input item"
+                )
+            return np.split(result, np.cumsum(sizes)[:-1], axis=self.out_dim)
+        if isinstance(result, (list, tuple)) and len(result) == total:
+            out, start = [], 0
+            for n in sizes:
+                out.append(list(result[start : start + n]))
+                start += n
+            return out
+        raise ValueError(
+            f"API {self.config.name!r} returned {type(result).__name__} for a batch of {total}; a batchable API "
+            "returns an array or list with one result per input item"
+        )
+
+    def _slice(self, value: Any, start: int, stop: int) -> Any:
+        if isinstance(value, np.ndarray):
+            index = [slice(None)] * value.ndim
+            index[self.in_dim] = slice(start, stop)
+            return value[tuple(index)]
+        return value[start:stop]
+
+    @staticmethod
+    def _concat(values: list[Any], dim: int) -> Any:
+        if isinstance(values[0], np.ndarray):
+            return np.concatenate(values, axis=dim)
+        out: list[Any] = []
+        for v in values:
+            out.extend(v)
+        return out
+
+
+def _fail(pending: Pending, exc: Exception, api: str) -> None:
+    if pending.future.done():
+        return
+    if isinstance(exc, HTTPError):
+        pending.future.set_exception(exc)
+        return
+    error_id = uuid.uuid4().hex[:12]
+    log.error("error %s in API %r", error_id, api, exc_info=exc)
+    pending.future.set_exception(
+        HTTPError(
+            500,
+            f"API {api!r} raised an exception on this input (error id {error_id}); the server log has the traceback",
+            error_id=error_id,
+        )
+    )

@@ -1,0 +1,42 @@
+"""Batchable services whose model records every batch it runs, for tests of the dispatcher."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Annotated
+
+import numpy as np
+
+import bento_like as bl
+
+ROW = Annotated[np.ndarray, bl.Shape(-1, 2), bl.DType("float32")]
+DELAY = float(os.environ.get("BATCH_DELAY", "0.05"))
+PER_ITEM = float(os.environ.get("ITEM_DELAY", "0"))
+
+
+@bl.service(traffic={"max_queue": int(os.environ.get("MAX_QUEUE", "64")), "timeout": 10})
+class Batched:
+    def __init__(self) -> None:
+        self.batches: list[list[float]] = []
+
+    @bl.api(batchable=True, max_batch_size=8, max_latency_ms=float(os.environ.get("MAX_LATENCY_MS", "1000")))
+    def double(self, x: ROW) -> np.ndarray:
+        """Doubles each row; a row holding -1 makes the whole batch fail (a poisoned input)."""
+        time.sleep(DELAY + PER_ITEM * len(x))
+        self.batches.append(x[:, 0].tolist())
+        if (x == -1).any():
+            raise ValueError("poisoned row")
+        return x * 2
+
+    @bl.api
+    def double_direct(self, x: ROW) -> np.ndarray:
+        time.sleep(DELAY)
+        return x * 2
+
+    @bl.api
+    def batches_seen(self, reset: bool = False) -> list:
+        seen = list(self.batches)
+        if reset:
+            self.batches.clear()
+        return seen

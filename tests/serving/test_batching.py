@@ -1,0 +1,187 @@
+"""The adaptive batcher through a real server: batch formation, splitting, order, lone requests, overload,
+deadlines, disconnects and failure isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from bento_like.serving.batching import LatencyModel
+
+SERVICES = Path(__file__).parent / "services"
+
+
+async def post_many(url: str, bodies: list[dict], headers: dict | None = None) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=200)) as client:
+        return await asyncio.gather(*(client.post("/double", json=b, headers=headers) for b in bodies))
+
+
+def seen(url: str, reset: bool = True) -> list[list[float]]:
+    return httpx.post(url + "/batches_seen", json={"reset": reset}).json()
+
+
+def test_concurrent_requests_form_batches_and_get_their_own_rows_back(start_server) -> None:
+    server = start_server("batched.py:Batched", cwd=SERVICES)
+    seen(server.url)  # forget the warm-up batches
+    bodies = [{"x": [[float(i), float(i) + 0.5]]} for i in range(40)]
+    responses = asyncio.run(post_many(server.url, bodies))
+    assert [r.status_code for r in responses] == [200] * 40
+    for i, r in enumerate(responses):
+        assert r.json() == [[2.0 * i, 2.0 * i + 1.0]]
+    batches = seen(server.url)
+    sizes = [len(b) for b in batches]
+    assert sum(sizes) == 40 and max(sizes) <= 8
+    assert max(sizes) == 8, f"40 concurrent requests never filled a batch of 8: {sizes}"
+    assert len(batches) <= 10
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'bento_like_batch_size_bucket{api="double",le="8"}' in metrics
+    assert "bento_like_queue_wait_seconds_count" in metrics and "bento_like_batch_execution_seconds_sum" in metrics
+
+
+def test_request_larger_than_max_batch_is_split_and_reassembled_in_order(start_server) -> None:
+    server = start_server("batched.py:Batched", cwd=SERVICES)
+    seen(server.url)
+    x = np.arange(40, dtype=np.float32).reshape(20, 2)
+    r = httpx.post(server.url + "/double", json={"x": x.tolist()}, timeout=30)
+    assert r.status_code == 200
+    np.testing.assert_array_equal(np.asarray(r.json()), x * 2)
+    assert sorted(len(b) for b in seen(server.url)) == [4, 8, 8]
+
+
+def test_a_lone_request_is_not_held_back_for_a_batch(start_server) -> None:
+    # With max_latency_ms=1000, a dispatcher that waited for company would add up to a second.
+    server = start_server("batched.py:Batched", cwd=SERVICES)
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        def timed(path: str) -> float:
+            started = time.perf_counter()
+            assert client.post(path, json={"x": [[1, 2]]}).status_code == 200
+            return time.perf_counter() - started
+
+        for _ in range(3):
+            timed("/double")
+        batched = statistics.median(timed("/double") for _ in range(15))
+        direct = statistics.median(timed("/double_direct") for _ in range(15))
+    assert batched < direct + 0.02, f"lone batched request {batched * 1000:.1f} ms vs direct {direct * 1000:.1f} ms"
+
+
+def test_full_queue_answers_429_with_retry_after_at_once(start_server) -> None:
+    server = start_server("batched.py:Batched", cwd=SERVICES, env={"MAX_QUEUE": "4", "BATCH_DELAY": "0.3"})
+    started = time.perf_counter()
+    responses = asyncio.run(post_many(server.url, [{"x": [[1, 1]]} for _ in range(30)]))
+    codes = [r.status_code for r in responses]
+    assert set(codes) == {200, 429}, codes
+    assert codes.count(200) >= 4
+    refused = [r for r in responses if r.status_code == 429]
+    assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
+    assert "max_queue" in refused[0].json()["error"]
+    assert time.perf_counter() - started < 10
+    assert 'reason="queue_full"' in httpx.get(server.url + "/metrics").text
+
+
+def test_expired_deadline_is_504_and_never_reaches_the_model(start_server) -> None:
+    server = start_server("batched.py:Batched", cwd=SERVICES, env={"BATCH_DELAY": "0.5", "MAX_LATENCY_MS": "5000"})
+    seen(server.url)
+
+    async def scenario() -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            busy = asyncio.create_task(client.post("/double", json={"x": [[7] * 2] * 8}))  # a full batch: 0.5 s
+            await asyncio.sleep(0.1)
+            late = await client.post("/double", json={"x": [[9, 9]]}, headers={"X-Request-Timeout": "0.2"})
+            return await busy, late
+
+    busy, late = asyncio.run(scenario())
+    assert busy.status_code == 200
+    assert late.status_code == 504
+    assert "deadline" in late.json()["error"]
+    time.sleep(0.6)
+    assert all(9.0 not in batch for batch in seen(server.url)), "the expired request still ran"
+    bad = httpx.post(server.url + "/double", json={"x": [[1, 1]]}, headers={"X-Request-Timeout": "soon"})
+    assert bad.status_code == 400 and "X-Request-Timeout" in bad.json()["error"]
+
+
+def test_client_that_disconnects_is_removed_from_the_queue(start_server) -> None:
+    server = start_server("batched.py:Batched", cwd=SERVICES, env={"BATCH_DELAY": "0.5", "MAX_LATENCY_MS": "5000"})
+    seen(server.url)
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            busy = asyncio.create_task(client.post("/double", json={"x": [[7] * 2] * 8}))
+            await asyncio.sleep(0.1)
+            with pytest.raises(httpx.TimeoutException):
+                await client.post("/double", json={"x": [[5, 5]]}, timeout=0.15)
+            await busy
+
+    asyncio.run(scenario())
+    time.sleep(0.7)
+    assert all(5.0 not in batch for batch in seen(server.url)), "the abandoned request still ran"
+    assert 'bento_like_rejections_total{api="double",reason="disconnected"} 1' in httpx.get(server.url + "/metrics").text
+
+
+def test_a_failing_item_fails_alone(start_server) -> None:
+    server = start_server("batched.py:Batched", cwd=SERVICES)
+    bodies = [{"x": [[float(i), 0]]} for i in range(12)]
+    bodies[5] = {"x": [[-1, -1]]}
+    responses = asyncio.run(post_many(server.url, bodies))
+    codes = [r.status_code for r in responses]
+    assert codes[5] == 500 and "error_id" in responses[5].json()
+    assert codes[:5] + codes[6:] == [200] * 11
+    assert responses[7].json() == [[14.0, 0.0]]
+
+
+def test_a_burst_is_served_up_to_what_fits_the_latency_budget_and_the_rest_refused_fast(start_server) -> None:
+    # 0.1 s per batch of 8, budget 0.35 s: about three batches of a 48-request burst fit, the rest cannot.
+    server = start_server("batched.py:Batched", cwd=SERVICES, env={"BATCH_DELAY": "0.1", "MAX_LATENCY_MS": "350"})
+
+    async def timed_post(client: httpx.AsyncClient, i: int) -> tuple[int, float]:
+        started = time.perf_counter()
+        r = await client.post("/double", json={"x": [[i, i]]})
+        return r.status_code, time.perf_counter() - started
+
+    async def burst() -> list[tuple[int, float]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30, limits=httpx.Limits(max_connections=100)) as c:
+            return await asyncio.gather(*(timed_post(c, i) for i in range(48)))
+
+    results = asyncio.run(burst())
+    served = [t for code, t in results if code == 200]
+    refused = [t for code, t in results if code == 429]
+    assert len(served) + len(refused) == 48
+    assert 16 <= len(served) <= 40, f"served {len(served)} of a burst of 48"
+    assert max(served) < 0.35 + 0.1 + 0.25  # the budget plus one batch, plus HTTP on a shared machine
+    assert 'reason="latency"' in httpx.get(server.url + "/metrics").text
+
+
+def test_batches_are_cut_to_fit_the_budget_when_a_full_batch_is_too_slow(start_server) -> None:
+    # 25 ms per item: a full batch of 8 takes 200 ms, over a 120 ms budget, so batches of about 4 are cut.
+    server = start_server(
+        "batched.py:Batched", cwd=SERVICES, env={"BATCH_DELAY": "0", "ITEM_DELAY": "0.025", "MAX_LATENCY_MS": "120"}
+    )
+    seen(server.url)
+    responses = asyncio.run(post_many(server.url, [{"x": [[i, i]]} for i in range(8)]))
+    assert all(r.status_code in (200, 429) for r in responses)
+    sizes = [len(b) for b in seen(server.url)]
+    assert sizes and max(sizes) <= 5, sizes
+
+
+def test_batch_dim_is_required_on_batched_inputs(start_server) -> None:
+    server = start_server("batched.py:Batched", cwd=SERVICES)
+    r = httpx.post(server.url + "/double", json={"x": [1, 2]})
+    assert r.status_code == 422 and r.json()["field"] == "$.x"
+
+
+def test_latency_model_interpolates_and_extrapolates() -> None:
+    model = LatencyModel()
+    assert model.predict(8) == 0.0
+    model.observe(1, 0.004)
+    model.observe(64, 0.030)
+    assert model.predict(1) == pytest.approx(0.004)
+    assert 0.004 < model.predict(32) < 0.030
+    assert model.predict(128) > 0.030
+    assert model.largest_within(0.030, 64) == 64
+    assert model.largest_within(0.017, 64) == pytest.approx(32, abs=1)
+    assert model.largest_within(0.001, 64) == 1
