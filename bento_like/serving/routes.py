@@ -33,6 +33,8 @@ from .errors import HTTPError, too_many_requests, unavailable
 
 log = logging.getLogger("bento_like.serving")
 
+Handler = Callable[[Scope, Receive, Send], Awaitable[int]]
+
 class APIEndpoint:
     """ASGI app for ``POST <route>`` of one API."""
 
@@ -53,13 +55,20 @@ class APIEndpoint:
         self._status_labels: dict[int, tuple[str, str]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.serve(scope, receive, send, self._handle)
+
+    async def serve(self, scope: Scope, receive: Receive, send: Send, handler: Handler) -> None:
+        """Run ``handler`` for one request of this API: errors become responses, and every outcome is counted.
+
+        The native route and the Open Inference Protocol route share this, so both are measured and
+        limited the same way."""
         state = self.state
         started = time.perf_counter()
         status = 500
         state.in_flight += 1
         self.in_flight += 1
         try:
-            status = await self._handle(scope, receive, send)
+            status = await handler(scope, receive, send)
         except _ClientGone:
             status = 499  # nginx's "client closed request": nobody is left to answer
         except HTTPError as exc:
@@ -88,7 +97,8 @@ class APIEndpoint:
             state.metrics.requests.inc(labels)
             state.metrics.latency.observe(self._labels, time.perf_counter() - started)
 
-    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> int:
+    def admit(self) -> None:
+        """Refuse at once what cannot be taken now: not ready, or over the concurrency or queue limits."""
         state = self.state
         if not state.ready:
             if state.failure:
@@ -102,8 +112,11 @@ class APIEndpoint:
             raise too_many_requests(
                 f"API {self.name!r} has {self.in_flight - 1} requests in progress, its limit (max_queue)", 1, "queue_full"
             )
+
+    def read_headers(self, scope: Scope) -> tuple[str | None, float]:
+        """The request's Content-Type and its timeout (the service's, or a shorter X-Request-Timeout)."""
         content_type = content_length = None
-        timeout = state.timeout
+        timeout = self.state.timeout
         for key, value in scope["headers"]:
             if key == b"content-type":
                 content_type = value.decode("latin-1")
@@ -111,7 +124,7 @@ class APIEndpoint:
                 content_length = value
             elif key == b"x-request-timeout":
                 timeout = min(timeout, _parse_timeout(value))
-        limit = state.max_body_size
+        limit = self.state.max_body_size
         if content_length is not None:
             try:
                 declared = int(content_length)
@@ -119,6 +132,15 @@ class APIEndpoint:
                 raise HTTPError(400, "the Content-Length header is not a number") from None
             if declared > limit:
                 raise _too_large(limit)
+        return content_type, timeout
+
+    async def read_body(self, receive: Receive) -> bytes:
+        return await _read_body(receive, self.state.max_body_size)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> int:
+        self.admit()
+        content_type, timeout = self.read_headers(scope)
+        limit = self.state.max_body_size
         mtype = media_type(content_type)
         codec = self.codec
         if mtype == JSON or mtype == "" or mtype.endswith("+json"):
@@ -132,13 +154,19 @@ class APIEndpoint:
             raise HTTPError(
                 415, f"unsupported Content-Type {mtype!r} for API {self.name!r}; send one of: {', '.join(accepted)}"
             )
+        if self.is_gen or self.is_async_gen:
+            instance = self.state.pool.pick()
+            return await self._stream(send, instance, getattr(instance.obj, self.attr), kwargs)
+        result = await self.invoke(kwargs, timeout, receive)
+        return await self._respond(scope, receive, send, result)
+
+    async def invoke(self, kwargs: dict[str, Any], timeout: float, receive: Receive | None = None) -> Any:
+        """Run the API on decoded arguments: through its batcher, or on an instance directly."""
         if self.batcher is not None:
-            result = await self._batched(receive, kwargs, timeout)
-            return await self._respond(scope, receive, send, result)
+            return await self._batched(receive, kwargs, timeout)
+        state = self.state
         instance = state.pool.pick()
         method = getattr(instance.obj, self.attr)
-        if self.is_gen or self.is_async_gen:
-            return await self._stream(send, instance, method, kwargs)
         instance.in_flight += 1
         try:
             call = method(**kwargs) if self.is_async else instance.runner.submit(method, **kwargs)
@@ -147,9 +175,9 @@ class APIEndpoint:
             raise _timed_out(self.name, timeout) from None
         finally:
             instance.in_flight -= 1
-        return await self._respond(scope, receive, send, result)
+        return result
 
-    async def _batched(self, receive: Receive, kwargs: dict[str, Any], timeout: float) -> Any:
+    async def _batched(self, receive: Receive | None, kwargs: dict[str, Any], timeout: float) -> Any:
         """Queue the input in the API's batcher; stop waiting if the client goes away."""
         state = self.state
         task = asyncio.current_task()
@@ -158,12 +186,13 @@ class APIEndpoint:
 
         async def watch_disconnect() -> None:
             nonlocal gone
+            assert receive is not None
             while (await receive())["type"] != "http.disconnect":
                 pass
             gone = True
             task.cancel()
 
-        watcher = asyncio.get_running_loop().create_task(watch_disconnect())
+        watcher = asyncio.get_running_loop().create_task(watch_disconnect()) if receive is not None else None
         deadline = asyncio.get_running_loop().time() + timeout
         try:
             return await state.watchdog.run(self.batcher.submit(kwargs[self.config.params[0]], deadline), timeout)
@@ -178,7 +207,8 @@ class APIEndpoint:
                 raise _ClientGone from None
             raise
         finally:
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
 
     async def _respond(self, scope: Scope, receive: Receive, send: Send, result: Any) -> int:
         if isinstance(result, _RESPONSE_TYPES):
