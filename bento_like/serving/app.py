@@ -49,8 +49,9 @@ class ServeOptions:
 
 
 class ServerState:
-    def __init__(self, spec: ServiceSpec, options: ServeOptions) -> None:
+    def __init__(self, spec: ServiceSpec, options: ServeOptions, worker_status: Any = None) -> None:
         traffic = spec.traffic
+        self.worker_status = worker_status
         self.spec = spec
         self.timeout = options.timeout or traffic.timeout
         self.max_concurrency = options.max_concurrency or traffic.max_concurrency
@@ -73,7 +74,20 @@ class ServerState:
             log.exception("building the instances of %s failed; the server will not become ready", self.spec.name)
             return
         self.ready = True
+        self._publish(1)
         log.info("service %s is ready", self.spec.name)
+
+    def _publish(self, value: int) -> None:
+        if self.worker_status is not None:
+            shared, index = self.worker_status
+            shared[index] = value
+
+    def missing_workers(self) -> list[int]:
+        """Sibling workers that are not ready (starting, or restarting after a crash)."""
+        if self.worker_status is None:
+            return []
+        shared, _ = self.worker_status
+        return [i for i in range(len(shared)) if shared[i] != 1]
 
     async def warm_up(self) -> None:
         """Run each API whose inputs can be made up (arrays of declared shape) before turning ready."""
@@ -97,11 +111,12 @@ class ServerState:
                 ep.batcher.stop()
 
 
-def create_app(spec: ServiceSpec, options: ServeOptions | None = None) -> Starlette:
+def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_status: Any = None) -> Starlette:
+    """The app for one process. ``worker_status`` is ``(shared array, my index)`` under a supervisor."""
     options = options or ServeOptions()
     for key, value in spec.envs.items():
         os.environ.setdefault(key, value)
-    state = ServerState(spec, options)
+    state = ServerState(spec, options, worker_status)
     endpoints = [APIEndpoint(state, entry.attr, entry.config) for entry in spec.apis]
     state.endpoints = endpoints
     for ep in endpoints:
@@ -115,7 +130,14 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None) -> Starle
 
     async def readyz(request: Request) -> Response:
         if state.ready:
-            return PlainTextResponse("ready")
+            missing = state.missing_workers()
+            if not missing:
+                return PlainTextResponse("ready")
+            return JSONResponse(
+                {"ready": False, "error": f"worker(s) {', '.join(map(str, missing))} not ready (starting or restarting)"},
+                status_code=503,
+                headers={"Retry-After": "1"},
+            )
         if state.failure:
             return JSONResponse({"ready": False, "error": f"startup failed: {state.failure}"}, status_code=503)
         return JSONResponse({"ready": False, "error": "instances are being built"}, status_code=503, headers={"Retry-After": "1"})
@@ -151,6 +173,7 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None) -> Starle
         if not starting.done():
             starting.cancel()
         state.ready = False
+        state._publish(0)
         state.stop_batchers()
         await state.pool.stop()
         state.watchdog.stop()

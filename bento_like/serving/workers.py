@@ -1,7 +1,12 @@
-"""The process model of ``pkg serve``: one uvicorn server, N worker processes sharing the port, or a reloader.
+"""The process model of ``pkg serve``: one server process, N supervised workers sharing the port, or a reloader.
 
-Graceful stop is uvicorn's: on SIGTERM it stops accepting, lets in-flight requests finish (up to
-``graceful_timeout``), runs the lifespan shutdown (our ``@on_shutdown`` hooks) and exits 0.
+With ``--workers N`` the parent binds the port once, starts N worker processes that all accept on it, and
+watches them: a worker that dies is restarted (with back-off if it keeps dying), and meanwhile every worker's
+``/readyz`` answers 503 naming the missing worker. GPUs are split among workers through CUDA_VISIBLE_DEVICES.
+
+Graceful stop: on SIGTERM a worker stops accepting, lets in-flight requests finish (up to
+``graceful_timeout``), runs the ``@on_shutdown`` hooks and exits 0; the parent forwards SIGTERM to every
+worker, waits for them and exits 0.
 """
 
 from __future__ import annotations
@@ -9,14 +14,21 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import multiprocessing
 import os
 import signal
+import socket
 import threading
+import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from ..sdk.loader import load_service
+from ..sdk.service import ServiceSpec
 from .app import ServeOptions, create_app
+
+log = logging.getLogger("bento_like.serving")
 
 _ENV = "BENTO_LIKE_SERVE"
 
@@ -34,40 +46,202 @@ def serve(
     graceful_timeout: float = 30.0,
     options: ServeOptions | None = None,
 ) -> None:
-    import uvicorn
-
     working_dir = str(Path(working_dir or os.getcwd()).resolve())
     options = options or ServeOptions()
     _configure_logging(log_level)
     spec = load_service(target, working_dir)  # fail fast, in the parent, on a broken service
     workers = workers or spec.workers
-    common = dict(
-        host=host,
-        port=port,
+    server_args: dict[str, Any] = dict(
         log_level=log_level,
         access_log=access_log,
         timeout_graceful_shutdown=graceful_timeout,
         log_config=None,
         server_header=False,
     )
-    if workers > 1 or reload:
-        os.environ[_ENV] = json.dumps(
-            {"target": target, "working_dir": working_dir, "options": asdict(options), "workers": workers > 1}
-        )
-        reload_args = {"reload": True, "reload_dirs": [working_dir], "reload_includes": ["*.py"]} if reload else {}
-        uvicorn.run(
-            "bento_like.serving.workers:app_from_env",
-            factory=True,
-            workers=None if reload else workers,
-            **reload_args,
-            **common,
-        )
-        return
-    app = create_app(spec, options)
-    _Server(uvicorn.Config(app, **common)).run()
+    if reload:
+        _serve_with_reload(target, working_dir, options, host, port, server_args)
+    elif workers > 1:
+        Supervisor(spec, target, working_dir, options, workers, host, port, server_args, graceful_timeout).run()
+    else:
+        import uvicorn
+
+        _server(uvicorn.Config(create_app(spec, options), host=host, port=port, **server_args)).run()
 
 
-def _server_class():  # type: ignore[no-untyped-def]
+def _serve_with_reload(
+    target: str, working_dir: str, options: ServeOptions, host: str, port: int, server_args: dict[str, Any]
+) -> None:
+    import uvicorn
+
+    os.environ[_ENV] = json.dumps({"target": target, "working_dir": working_dir, "options": asdict(options)})
+    uvicorn.run(
+        "bento_like.serving.workers:app_from_env",
+        factory=True,
+        reload=True,
+        reload_dirs=[working_dir],
+        reload_includes=["*.py"],
+        host=host,
+        port=port,
+        **server_args,
+    )
+
+
+def app_from_env():  # type: ignore[no-untyped-def]
+    """Factory the reloaded process calls to build its app."""
+    settings = json.loads(os.environ[_ENV])
+    _configure_logging(os.environ.get("BENTO_LIKE_LOG_LEVEL", "info"))
+    return create_app(load_service(settings["target"], settings["working_dir"]), ServeOptions(**settings["options"]))
+
+
+class Supervisor:
+    """Starts N workers on one listening socket and keeps N of them alive until SIGTERM/SIGINT."""
+
+    def __init__(
+        self,
+        spec: ServiceSpec,
+        target: str,
+        working_dir: str,
+        options: ServeOptions,
+        workers: int,
+        host: str,
+        port: int,
+        server_args: dict[str, Any],
+        graceful_timeout: float,
+    ) -> None:
+        self.target = target
+        self.working_dir = working_dir
+        self.options = options
+        self.workers = workers
+        self.server_args = server_args
+        self.graceful_timeout = graceful_timeout
+        self.ctx = multiprocessing.get_context("spawn")
+        # 1 = ready, 0 = starting or gone; shared with every worker so each /readyz sees the whole set
+        self.status = self.ctx.Array("b", workers, lock=False)
+        self.gpus = _split_gpus(spec, workers)
+        self.sock = _bind(host, port)
+        self.procs: list[Any] = [None] * workers
+        self.started_at = [0.0] * workers
+        self.failures = [0] * workers
+        self.stopping = False
+
+    def run(self) -> None:
+        log.info("supervisor %d: %d workers on %s", os.getpid(), self.workers, self.sock.getsockname())
+        previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            for i in range(self.workers):
+                self._start(i)
+            while not self.stopping:
+                time.sleep(0.2)
+                self._watch()
+        finally:
+            self._shutdown()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.sock.close()
+
+    def _stop(self, signum: int, frame: Any) -> None:
+        self.stopping = True
+
+    def _start(self, i: int) -> None:
+        self.status[i] = 0
+        settings = {
+            "target": self.target,
+            "working_dir": self.working_dir,
+            "options": {**asdict(self.options), "worker_id": str(i), "workers": self.workers},
+            "server_args": self.server_args,
+            "cuda_visible_devices": self.gpus[i] if self.gpus else None,
+        }
+        proc = self.ctx.Process(
+            target=_worker_main, args=(i, self.sock, self.status, settings), name=f"bento-worker-{i}", daemon=False
+        )
+        proc.start()
+        self.procs[i] = proc
+        self.started_at[i] = time.monotonic()
+
+    def _watch(self) -> None:
+        now = time.monotonic()
+        for i, proc in enumerate(self.procs):
+            if proc.is_alive() or self.stopping:
+                continue
+            self.status[i] = 0
+            quick = now - self.started_at[i] < 10
+            self.failures[i] = self.failures[i] + 1 if quick else 1
+            delay = min(10.0, 0.5 * 2 ** (self.failures[i] - 1)) if quick else 0.0
+            log.warning("worker %d (pid %s) exited with code %s; restarting in %.1f s", i, proc.pid, proc.exitcode, delay)
+            if delay:
+                self.started_at[i] = now + delay  # don't count the wait as the new worker's life
+                self.procs[i] = _Delayed(now + delay)
+            else:
+                self._start(i)
+        for i, proc in enumerate(self.procs):
+            if isinstance(proc, _Delayed) and proc.due <= now and not self.stopping:
+                self._start(i)
+
+    def _shutdown(self) -> None:
+        procs = [p for p in self.procs if p is not None and not isinstance(p, _Delayed)]
+        for proc in procs:
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.graceful_timeout + 5
+        for proc in procs:
+            proc.join(max(0.1, deadline - time.monotonic()))
+            if proc.is_alive():
+                log.warning("worker pid %s did not stop in time; killing it", proc.pid)
+                proc.kill()
+                proc.join()
+
+
+class _Delayed:
+    """A worker slot waiting out its restart back-off."""
+
+    def __init__(self, due: float) -> None:
+        self.due = due
+
+    def is_alive(self) -> bool:
+        return True
+
+
+def _worker_main(index: int, sock: socket.socket, status: Any, settings: dict[str, Any]) -> None:
+    import uvicorn
+
+    if settings["cuda_visible_devices"] is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = settings["cuda_visible_devices"]
+    _configure_logging(settings["server_args"]["log_level"])
+    options = ServeOptions(**settings["options"])
+    spec = load_service(settings["target"], settings["working_dir"])
+    app = create_app(spec, options, worker_status=(status, index))
+    _server(uvicorn.Config(app, **settings["server_args"])).run(sockets=[sock])
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _split_gpus(spec: ServiceSpec, workers: int) -> list[str] | None:
+    """CUDA_VISIBLE_DEVICES for each worker: the visible GPUs dealt out round-robin (None: leave it alone)."""
+    if not spec.resources.gpu:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [d.strip() for d in visible.split(",") if d.strip()]
+    else:
+        from .instances import _cuda_count
+
+        ids = [str(i) for i in range(_cuda_count())]
+    if not ids:
+        return None
+    if len(ids) >= workers:
+        return [",".join(ids[i::workers]) for i in range(workers)]
+    return [ids[i % len(ids)] for i in range(workers)]
+
+
+def _server(config: Any) -> Any:
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -89,21 +263,7 @@ def _server_class():  # type: ignore[no-untyped-def]
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
-    return Server
-
-
-def _Server(config):  # type: ignore[no-untyped-def]
-    return _server_class()(config)
-
-
-def app_from_env():  # type: ignore[no-untyped-def]
-    """Factory each worker process (or the reloaded process) calls to build its own app."""
-    settings = json.loads(os.environ[_ENV])
-    _configure_logging(os.environ.get("BENTO_LIKE_LOG_LEVEL", "info"))
-    options = ServeOptions(**settings["options"])
-    if settings["workers"]:
-        options.worker_id = str(os.getpid())
-    return create_app(load_service(settings["target"], settings["working_dir"]), options)
+    return Server(config)
 
 
 def _configure_logging(level: str) -> None:

@@ -85,6 +85,67 @@ def test_workers_share_the_port(start_server) -> None:
     assert server.stop() == 0
 
 
+def _worker_pids(url: str, want: int, timeout: float = 30) -> set[int]:
+    pids: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while len(pids) < want and time.monotonic() < deadline:
+        try:
+            with httpx.Client(base_url=url) as client:  # a new connection each time: the kernel spreads them
+                r = client.post("/pid", json={}, timeout=5)
+            if r.status_code == 200:
+                pids.add(r.json())
+        except httpx.TransportError:
+            time.sleep(0.05)
+    return pids
+
+
+def test_a_dead_worker_is_restarted_and_readyz_says_so_meanwhile(start_server) -> None:
+    server = start_server("limits.py:Limited", cwd=SERVICES, args=["--workers", "2"])
+    before = _worker_pids(server.url, 2)
+    assert len(before) == 2
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+    saw_not_ready = False
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(server.url + "/readyz", timeout=2)
+        except httpx.TransportError:
+            continue
+        if r.status_code == 503:
+            saw_not_ready = True
+            assert "not ready" in r.json()["error"]
+        elif saw_not_ready:
+            break
+        time.sleep(0.05)
+    assert saw_not_ready, "readyz never reported the missing worker"
+    after = _worker_pids(server.url, 2)
+    assert len(after) == 2 and victim not in after
+    assert "restarting" in server.log()
+    assert server.stop() == 0
+
+
+def test_no_request_hangs_when_a_worker_dies_under_load(start_server) -> None:
+    server = start_server("limits.py:Limited", cwd=SERVICES, args=["--workers", "2"])
+    pids = _worker_pids(server.url, 2)
+
+    def call() -> str:
+        try:
+            return str(httpx.post(server.url + "/wait", json={"seconds": 0.5}, timeout=15).status_code)
+        except httpx.TransportError as exc:
+            return type(exc).__name__
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(call) for _ in range(8)]
+        time.sleep(0.2)
+        os.kill(min(pids), signal.SIGKILL)
+        started = time.monotonic()
+        outcomes = [f.result(timeout=20) for f in futures]
+    assert time.monotonic() - started < 15
+    assert all(o in ("200", "429", "RemoteProtocolError", "ReadError", "ConnectError") for o in outcomes), outcomes
+    assert "200" in outcomes
+
+
 def test_reload_restarts_on_source_change(start_server, tmp_path: Path) -> None:
     app_dir = tmp_path / "app"
     app_dir.mkdir()
