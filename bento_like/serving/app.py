@@ -134,13 +134,23 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_st
             if not missing:
                 return PlainTextResponse("ready")
             return JSONResponse(
-                {"ready": False, "error": f"worker(s) {', '.join(map(str, missing))} not ready (starting or restarting)"},
+                {
+                    "ready": False,
+                    "state": "degraded",
+                    "error": f"worker(s) {', '.join(map(str, missing))} not ready (starting or restarting)",
+                },
                 status_code=503,
                 headers={"Retry-After": "1"},
             )
         if state.failure:
-            return JSONResponse({"ready": False, "error": f"startup failed: {state.failure}"}, status_code=503)
-        return JSONResponse({"ready": False, "error": "instances are being built"}, status_code=503, headers={"Retry-After": "1"})
+            return JSONResponse(
+                {"ready": False, "state": "failed", "error": f"startup failed: {state.failure}"}, status_code=503
+            )
+        return JSONResponse(
+            {"ready": False, "state": "starting", "error": "instances are being built"},
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
 
     async def metrics(request: Request) -> Response:
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -95,7 +95,7 @@ class ArrivalRate:
     def __init__(self, tau: float = 0.25) -> None:
         self.tau = tau
         self.value = 0.0
-        self.last = time.monotonic()
+        self.last = 0.0
 
     def add(self, items: int, now: float) -> None:
         self.value = self.value * math.exp(-(now - self.last) / self.tau) + items / self.tau
@@ -131,10 +131,12 @@ class Batcher:
         self.max_queue = max_queue
         self.model = LatencyModel()
         self.rate = ArrivalRate()
+        self.last_arrival = 0.0
         self.queue: deque[Pending] = deque()
         self.queued_items = 0
         self.queued_requests = 0
         self.busy = 0  # batches of this API running now
+        self._finishing: dict[int, float] = {}  # running batch -> when it is predicted to end
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         labels = (config.name,)
@@ -154,7 +156,7 @@ class Batcher:
         if self._task is not None:
             self._task.cancel()
 
-    async def warm_up(self, example: Any, rounds: int = 2) -> None:
+    async def warm_up(self, example: Any, rounds: int = 3) -> None:
         """Run every instance once, then seed the latency model with batches of 1, 2, 4 ... max_batch_size."""
         sizes = sorted({min(2**i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)} | set(self.preferred))
         for instance in self.pool.instances:
@@ -162,10 +164,12 @@ class Batcher:
         instance = self.pool.instances[0]
         for size in sizes:
             batch = self._concat([example] * size, self.in_dim)
-            for _ in range(rounds):
+            best = math.inf
+            for _ in range(rounds):  # the first runs of a size pay for allocations: keep the best
                 started = time.perf_counter()
                 await self._call(instance, batch)
-                self.model.observe(size, time.perf_counter() - started)
+                best = min(best, time.perf_counter() - started)
+            self.model.observe(size, best)
         log.info(
             "API %r warmed up: %s",
             self.config.name,
@@ -198,7 +202,8 @@ class Batcher:
         loop = asyncio.get_running_loop()
         now = loop.time()
         self._admit(items, now)
-        self.rate.add(items, time.monotonic())
+        self.rate.add(items, now)
+        self.last_arrival = now
         if items <= self.max_batch:
             return await self._enqueue(value, items, now, deadline)
         # Bigger than a batch: cut into full batches and put the answers back together in order.
@@ -232,10 +237,13 @@ class Batcher:
         """Seconds until a request of ``items`` arriving now would be answered, behind what is queued."""
         instances = max(1, len(self.pool.instances))
         total = self.queued_items + items
-        full = self.model.predict(self.max_batch)
-        rounds = math.ceil(math.ceil(total / self.max_batch) / instances)
-        running = full if self.busy >= instances else 0.0
-        return running + (rounds - 1) * full + self.model.predict(min(total, self.max_batch))
+        cap = self.batch_cap()
+        full = self.model.predict(cap)
+        rounds = math.ceil(math.ceil(total / cap) / instances)
+        running = 0.0
+        if self.busy >= instances and self._finishing:
+            running = max(0.0, min(self._finishing.values()) - asyncio.get_running_loop().time())
+        return running + (rounds - 1) * full + self.model.predict(min(total, cap))
 
     async def _enqueue(self, value: Any, items: int, now: float, deadline: float) -> Any:
         pending = Pending(value, items, asyncio.get_running_loop().create_future(), now, deadline)
@@ -305,47 +313,49 @@ class Batcher:
             return head
         return None
 
-    def target_size(self, available: int, waited: float) -> int:
-        """How many items the next batch should hold: as many as fit the oldest request's remaining budget."""
-        return self.model.largest_within(self.budget - waited, self.max_batch) if self.model.sizes else self.max_batch
+    def batch_cap(self) -> int:
+        """The largest batch whose predicted execution fits the latency budget (max_batch_size if all do).
+
+        It depends on the execution time alone, not on how long the queue has waited: shrinking batches
+        because requests waited would lower throughput just when the queue is longest, and spiral."""
+        return self.model.largest_within(self.budget, self.max_batch) if self.model.sizes else self.max_batch
 
     def wait_time(self, available: int, waited: float, now: float) -> float:
-        """Seconds worth waiting for more items before flushing ``available`` (0: flush now)."""
-        if available >= self.max_batch or not self.model.sizes:
+        """Seconds worth waiting for more items before flushing ``available`` (0: flush now).
+
+        Under heavy traffic, keep the batch open while items keep streaming in (the gap since the last
+        arrival is under two mean inter-arrival gaps), but never past the point where the oldest request's
+        wait plus the batch's predicted execution would exceed the budget."""
+        target = self.batch_cap()
+        if self.preferred:
+            fitting = [p for p in self.preferred if p <= target]
+            target = fitting[-1] if fitting else target
+        if available >= target or not self.model.sizes:
             return 0.0
         rate = self.rate.get(now)
         run_now = self.model.predict(available)
         if rate * run_now < 1.0:  # light traffic: nobody else is coming soon
             return 0.0
-        target = self.target_size(available, waited)
-        if self.preferred:
-            above = [p for p in self.preferred if p > available]
-            target = min(target, above[0]) if above else target
-        if target <= available:
-            return 0.0
         slack = self.budget - waited - self.model.predict(target)
-        return max(0.0, min((target - available) / rate, slack, run_now))
+        gap = min(max(2.0 / rate, 0.0002), run_now)
+        return max(0.0, min(slack, self.last_arrival + gap - now))
 
     async def _form_batch(self) -> list[Pending]:
         loop = asyncio.get_running_loop()
-        flush_at: float | None = None
         while True:
             head = self._live_head()
             if head is None:
                 return []
             now = loop.time()
-            waited = now - head.arrival
-            available = self.queued_items
-            wait = self.wait_time(available, waited, time.monotonic())
-            flush_at = now + wait if flush_at is None else min(flush_at, now + wait)
-            if flush_at - now <= 0.0005:
+            wait = self.wait_time(self.queued_items, now - head.arrival, now)
+            if wait <= 0.0001:
                 break
             self._arrived.clear()
             try:
-                await asyncio.wait_for(self._arrived.wait(), flush_at - now)
+                await asyncio.wait_for(self._arrived.wait(), wait)
             except asyncio.TimeoutError:
-                break
-        return self._take(self.target_size(self.queued_items, loop.time() - head.arrival))
+                pass  # re-evaluate: the gap or the budget ran out, or more arrived just now
+        return self._take(self.batch_cap())
 
     def _take(self, size: int) -> list[Pending]:
         if self.preferred and self.queued_items < size:
@@ -367,9 +377,12 @@ class Batcher:
         now = asyncio.get_running_loop().time()
         for p in batch:
             self._queue_wait(now - p.arrival)
+        key = id(batch)
+        self._finishing[key] = now + self.model.predict(sum(p.items for p in batch))
         try:
             await self._execute(instance, batch)
         finally:
+            del self._finishing[key]
             self.busy -= 1
             self.pool.release(instance)
             self._arrived.set()

@@ -200,11 +200,7 @@ def output_kind(func: Callable[..., Any]) -> str:
         ann = typing.get_type_hints(func, include_extras=True).get("return", Any)
     except Exception:
         ann = Any
-    origin = typing.get_origin(ann)
-    if origin is not None and getattr(origin, "__name__", "") in ("Generator", "AsyncGenerator", "Iterator", "AsyncIterator"):
-        return "stream"
-    kind = _kind(ann, array_spec(ann))
-    return kind
+    return _kind(ann, array_spec(ann))
 
 
 def encode_result(value: Any) -> tuple[bytes, str]:
@@ -222,8 +218,8 @@ def encode_result(value: Any) -> tuple[bytes, str]:
 
 
 def sse_event(value: Any) -> bytes:
-    data = value if isinstance(value, str) else json_encoder.encode(value).decode()
-    return b"".join(b"data: " + line.encode() + b"\n" for line in data.split("\n")) + b"\n"
+    """One server-sent event holding the item as JSON (strings too, so "42" and 42 stay apart)."""
+    return b"data: " + json_encoder.encode(value) + b"\n\n"
 
 
 def media_type(content_type: str | None) -> str:

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import Server
+from live_server import Server
 
 HERE = Path(__file__).parent
 
@@ -177,7 +177,7 @@ def test_sync_and_async_generators_stream_server_sent_events(http: httpx.Client)
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
     assert events == [{"i": 0}, {"i": 1}, {"i": 2}]
     with http.stream("POST", "/acount", json={"n": 2}) as r:
-        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
     assert events == ["token-0", "token-1"]
 
 

@@ -1,0 +1,151 @@
+"""Adaptive batching under load, against the model's own ceiling, measured in one run.
+
+1. Ceiling: the MLP at batch 64 in a tight loop, in a fresh process, with the same torch thread count the
+   server's instance gets (``--threads``, default 1). Also a direct unbatched call (batch 1), the floor for a
+   lone request's latency.
+2. Served: ``pkg serve`` of bench/batching_service.py (batchable, max_batch_size=64, max_latency_ms from
+   ``--max-latency-ms``), driven by ``hey`` (Debian package) with 1, 16 and 64 concurrent connections, each
+   request one 784-float row as JSON.
+
+Prints items/s, p50/p99 and non-200 counts, the ratio to the ceiling, and the targets: at 64 clients at least
+0.7 of the ceiling with p99 within max_latency_ms + one batch-64 execution and no rejections; at 1 client a
+p50 within a direct call + 1 ms.
+
+    python bench/batching.py [--duration 10] [--threads 1] [--max-latency-ms 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+
+CEILING = """
+import json, statistics, sys, time
+import torch
+sys.path.insert(0, {here!r})
+from batching_service import build_mlp
+torch.set_num_threads({threads})
+model = build_mlp()
+x64, x1 = torch.randn(64, 784), torch.randn(1, 784)
+with torch.inference_mode():
+    for _ in range(10):
+        model(x64)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < {seconds}:
+        model(x64)
+        n += 1
+    elapsed = time.perf_counter() - start
+    singles = []
+    for _ in range(300):
+        t = time.perf_counter()
+        model(x1)
+        singles.append(time.perf_counter() - t)
+print(json.dumps({{"items_per_s": n * 64 / elapsed, "batch64_ms": elapsed / n * 1000,
+                  "batch1_ms": statistics.median(singles) * 1000}}))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ceiling(threads: int, seconds: float) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, "-c", CEILING.format(here=str(HERE), threads=threads, seconds=seconds)],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def hey(url: str, body_file: str, connections: int, duration: float) -> dict[str, float]:
+    out = subprocess.run(
+        ["hey", "-z", f"{duration}s", "-c", str(connections), "-m", "POST", "-T", "application/json", "-D", body_file, url],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    codes = {int(c): int(n) for c, n in re.findall(r"\[(\d+)\]\s+(\d+) responses", out)}
+    total = sum(codes.values())
+    took = float(re.search(r"Total:\s+([\d.]+) secs", out).group(1))
+    return {
+        "items_per_s": codes.get(200, 0) / took,
+        "p50": float(re.search(r"50%+ in ([\d.]+) secs", out).group(1)) * 1000,
+        "p99": float(re.search(r"99%+ in ([\d.]+) secs", out).group(1)) * 1000,
+        "non200": total - codes.get(200, 0),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--max-latency-ms", type=float, default=60.0)
+    parser.add_argument("--connections", default="1,16,64")
+    args = parser.parse_args()
+    if shutil.which("hey") is None:
+        sys.exit("needs hey: apt-get install hey")
+
+    ceil = ceiling(args.threads, min(args.duration, 8.0))
+    port = free_port()
+    env = {**os.environ, "BENTO_LIKE_COMPUTE_THREADS": str(args.threads), "BENCH_MAX_LATENCY_MS": str(args.max_latency_ms)}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "bento_like", "serve", "batching_service:MLP", "--port", str(port), "--log-level", "warning"],
+        cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    rows = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump({"x": [[0.01 * (i % 100) for i in range(784)]]}, f)
+            body = f.name
+        for c in [int(c) for c in args.connections.split(",")]:
+            hey(url + "/predict", body, c, 2.0)  # warm-up at this concurrency
+            rows.append((c, hey(url + "/predict", body, c, args.duration)))
+        metrics = httpx.get(url + "/metrics").text
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+    batches = re.search(r'bento_like_batch_size_count\{api="predict"\} (\d+)', metrics)
+    items = re.search(r'bento_like_batch_size_sum\{api="predict"\} ([\d.]+)', metrics)
+    print(f"cpus={os.cpu_count()} torch_threads={args.threads} max_latency_ms={args.max_latency_ms:g} duration={args.duration:g}s")
+    print(f"ceiling (batch 64 tight loop): {ceil['items_per_s']:.0f} items/s, {ceil['batch64_ms']:.1f} ms per batch; "
+          f"direct batch-1 call: {ceil['batch1_ms']:.2f} ms")
+    print(f"{'clients':>7} {'items/s':>9} {'vs ceiling':>10} {'p50 ms':>8} {'p99 ms':>8} {'non-200':>8}")
+    for c, r in rows:
+        print(f"{c:>7} {r['items_per_s']:>9.0f} {r['items_per_s'] / ceil['items_per_s']:>10.2f} {r['p50']:>8.2f} {r['p99']:>8.2f} {r['non200']:>8}")
+    if batches and items:
+        print(f"mean batch size over the run: {float(items.group(1)) / int(batches.group(1)):.1f}")
+    by_c = dict(rows)
+    if 64 in by_c:
+        r = by_c[64]
+        bound = args.max_latency_ms + ceil["batch64_ms"]
+        print(f"target 64 clients: >= 0.70 of ceiling -> {r['items_per_s'] / ceil['items_per_s']:.2f}; "
+              f"p99 <= {bound:.1f} ms -> {r['p99']:.1f}; rejections 0 -> {r['non200']}")
+    if 1 in by_c:
+        print(f"target 1 client: p50 <= {ceil['batch1_ms'] + 1:.2f} ms -> {by_c[1]['p50']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
