@@ -201,7 +201,7 @@ class Batcher:
         items = self.count_items(value)
         loop = asyncio.get_running_loop()
         now = loop.time()
-        self._admit(items, now)
+        self.admit(items, now)
         self.rate.add(items, now)
         self.last_arrival = now
         if items <= self.max_batch:
@@ -216,7 +216,11 @@ class Batcher:
                 raise part
         return self._concat(parts, self.out_dim)
 
-    def _admit(self, items: int, now: float) -> None:
+    def admit(self, items: int, now: float) -> None:
+        """Refuse (429) a request of ``items`` the queue cannot take now or cannot answer within the budget.
+
+        The runtime calls it once before reading the body (with one item), so that refusing costs almost
+        nothing under overload, and again with the real item count."""
         name = self.config.name
         if self.queued_requests >= self.max_queue:
             raise too_many_requests(

@@ -108,7 +108,9 @@ class APIEndpoint:
             raise too_many_requests(
                 f"service {state.spec.name!r} is at its limit of {state.max_concurrency} concurrent requests", 1
             )
-        if self.batcher is None and self.in_flight > state.max_queue:
+        if self.batcher is not None:
+            self.batcher.admit(1, asyncio.get_running_loop().time())
+        elif self.in_flight > state.max_queue:
             raise too_many_requests(
                 f"API {self.name!r} has {self.in_flight - 1} requests in progress, its limit (max_queue)", 1, "queue_full"
             )

@@ -1,0 +1,140 @@
+"""Overload: offered load at several times capacity for a while; the server must stay up, keep the latency
+bound for what it accepts, refuse the excess quickly with 429, and keep its memory flat.
+
+The model is bench/batching_service.py's MLP (batchable, max_batch_size=64, max_latency_ms from
+``--max-latency-ms``). Capacity is first measured as the model's batch-64 throughput in a fresh process; then
+``hey`` offers ``--factor`` times that many requests per second (many connections, each rate-limited, so fast
+refusals do not slow the offered rate) for ``--duration`` seconds, with per-request timings (``hey -o csv``)
+split by status. The server's RSS is sampled every second and /readyz polled throughout.
+
+    python bench/overload.py [--duration 30] [--factor 3] [--max-latency-ms 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from batching import HERE, ceiling, free_port  # noqa: E402
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=30.0)
+    parser.add_argument("--factor", type=float, default=3.0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--max-latency-ms", type=float, default=60.0)
+    parser.add_argument("--connections", type=int, default=256)
+    args = parser.parse_args()
+    if shutil.which("hey") is None:
+        sys.exit("needs hey: apt-get install hey")
+
+    capacity = ceiling(args.threads, 5.0)["items_per_s"]
+    offered = capacity * args.factor
+    port = free_port()
+    env = {**os.environ, "BENTO_LIKE_COMPUTE_THREADS": str(args.threads), "BENCH_MAX_LATENCY_MS": str(args.max_latency_ms)}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "bento_like", "serve", "batching_service:MLP", "--port", str(port), "--log-level", "warning"],
+        cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    samples: list[tuple[float, float]] = []
+    ready_failures = 0
+    stop = threading.Event()
+
+    def watch() -> None:
+        nonlocal ready_failures
+        start = time.monotonic()
+        while not stop.is_set():
+            samples.append((time.monotonic() - start, rss_mb(server.pid)))
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code != 200:
+                    ready_failures += 1
+            except httpx.TransportError:
+                ready_failures += 1
+            stop.wait(1.0)
+
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump({"x": [[0.01 * (i % 100) for i in range(784)]]}, f)
+            body = f.name
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        per_conn = max(1.0, offered / args.connections)
+        out = subprocess.run(
+            ["hey", "-z", f"{args.duration}s", "-c", str(args.connections), "-q", f"{per_conn:.1f}", "-m", "POST",
+             "-T", "application/json", "-D", body, "-o", "csv", url + "/predict"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+        stop.set()
+        watcher.join()
+        alive = server.poll() is None
+        metrics = httpx.get(url + "/metrics").text if alive else ""
+    finally:
+        stop.set()
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+    rows = list(csv.DictReader(io.StringIO(out)))
+    by_status: dict[str, list[float]] = {}
+    for row in rows:
+        by_status.setdefault(row["status-code"], []).append(float(row["response-time"]) * 1000)
+    total = len(rows)
+    ok = by_status.get("200", [])
+    refused = by_status.get("429", [])
+    third = max(1, len(samples) // 3)
+    early = statistics.mean(m for _, m in samples[:third])
+    late = statistics.mean(m for _, m in samples[-third:])
+    print(f"cpus={os.cpu_count()} capacity={capacity:.0f} items/s offered={offered:.0f} req/s for {args.duration:g}s "
+          f"({args.connections} connections) max_latency_ms={args.max_latency_ms:g}")
+    print(f"{'status':>7} {'count':>8} {'share':>6} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
+    for status, times in sorted(by_status.items()):
+        print(f"{status:>7} {len(times):>8} {len(times) / total:>6.2f} {pct(times, 0.5):>8.1f} {pct(times, 0.99):>8.1f} {max(times):>8.1f}")
+    print(f"served {len(ok) / args.duration:.0f} items/s = {len(ok) / args.duration / capacity:.2f} of capacity")
+    print(f"server alive after the run: {alive}; /readyz failures during the run: {ready_failures}")
+    print(f"server RSS: first third {early:.0f} MB, last third {late:.0f} MB, max {max(m for _, m in samples):.0f} MB")
+    print(f"target: accepted p99 <= max_latency_ms + one batch ({args.max_latency_ms:g} + ~30 ms) -> {pct(ok, 0.99):.1f}; "
+          f"429 answered fast -> p99 {pct(refused, 0.99):.1f} ms; memory flat -> {late - early:+.0f} MB")
+    for line in metrics.splitlines():
+        if line.startswith("bento_like_rejections_total"):
+            print(line)
+
+
+if __name__ == "__main__":
+    main()
