@@ -74,6 +74,15 @@ def serve(target: str, **opts) -> None:  # type: ignore[no-untyped-def]
         raise click.ClickException(str(exc)) from None
 
 
+def _add_groups() -> None:
+    from .models import models_group
+
+    cli.add_command(models_group, name="models")
+
+
+_add_groups()
+
+
 def main() -> None:
     cli()
 

@@ -84,7 +84,7 @@ def get(tag: str) -> Model:
     return default_store().get(tag)
 
 
-def list(name: str | None = None, *, labels: dict[str, str] | None = None) -> list[Model]:  # noqa: A001
+def list(name: str | None = None, *, labels: dict[str, str] | None = None) -> list[Model]:
     """Stored models, by name and newest first; filtered by name and by labels (all must match)."""
     return default_store().list(name, labels=labels)
 

@@ -14,6 +14,7 @@ import hashlib
 import os
 import secrets
 import tarfile
+import zlib
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,7 @@ from ._errors import (
 )
 from ._manifest import MANIFEST_FILE, check_name, check_version, content_digest, decode
 from ._registry import adapter_for
+
 if TYPE_CHECKING:
     from ._store import ModelStore
 
@@ -139,7 +141,10 @@ def import_model(store: ModelStore, path: str | os.PathLike[str], *, trust: bool
     except (tarfile.TarError, OSError) as exc:
         raise ModelStoreError(f"{source}: not a readable model archive: {exc}") from exc
     with tar, store._staging("import") as staged:
-        prefix, extracted = _extract(tar, source, staged)
+        try:
+            prefix, extracted = _extract(tar, source, staged)
+        except (tarfile.TarError, EOFError, zlib.error) as exc:
+            raise UnsafeArchiveError(f"{source}: damaged archive: {exc}") from exc
         if MANIFEST_FILE not in extracted:
             raise UnsafeArchiveError(f"{source}: {prefix}/ has no {MANIFEST_FILE}")
         try:

@@ -101,7 +101,7 @@ def verify_files(root: Path, files: list[FileEntry], chunk_size: int, what: str)
                 ranges = _chunk_ranges(entry.size, chunk_size)
                 if len(ranges) != len(entry.chunk_sha256):
                     raise IntegrityError(f"{what}: manifest entry for {entry.path!r} has a wrong chunk count")
-                for (offset, length), expected in zip(ranges, entry.chunk_sha256):
+                for (offset, length), expected in zip(ranges, entry.chunk_sha256, strict=True):
                     future = pool.submit(_sha256_range, root / entry.path, offset, length)
                     checks.append((entry, offset, expected, future))
             else:

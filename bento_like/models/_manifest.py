@@ -27,7 +27,7 @@ _NAME = re.compile(r"[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?")
 _VERSION = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
 
 
-class FileEntry(msgspec.Struct, frozen=True, kw_only=True):
+class FileEntry(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     path: str
     """Relative POSIX path inside the version directory."""
     size: int

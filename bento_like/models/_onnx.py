@@ -94,7 +94,9 @@ class OnnxAdapter(Adapter):
             proto = obj
             onnx.save_model(proto, dest / MODEL_FILE)
         else:
-            raise ModelStoreError(f"the onnx adapter saves onnx.ModelProto or a .onnx path, got {type(obj).__qualname__}")
+            raise ModelStoreError(
+                f"the onnx adapter saves onnx.ModelProto or a .onnx path, got {type(obj).__qualname__}"
+            )
         opsets = {entry.domain or "ai.onnx": entry.version for entry in proto.opset_import}
         return Saved(signatures=[_signature(proto)], details={"opsets": opsets})
 

@@ -8,6 +8,7 @@ Deletes rename the version away before removing it, so readers see a version who
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import platform
@@ -16,7 +17,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,9 @@ def _normalized(value: dict[str, Any], what: str) -> dict[str, Any]:
     try:
         return msgspec.json.decode(msgspec.json.encode(value))
     except (TypeError, msgspec.EncodeError) as exc:
-        raise ModelStoreError(f"{what} must hold only JSON values (str, number, bool, None, list, dict): {exc}") from exc
+        raise ModelStoreError(
+            f"{what} must hold only JSON values (str, number, bool, None, list, dict): {exc}"
+        ) from exc
 
 
 def _check_labels(labels: dict[str, str]) -> dict[str, str]:
@@ -111,7 +114,9 @@ def _check_labels(labels: dict[str, str]) -> dict[str, str]:
     return dict(labels)
 
 
+@functools.cache
 def _library_versions(libraries: tuple[str, ...]) -> dict[str, str]:
+    """Versions of Python, bento_like and the adapter's libraries; looked up once per process."""
     versions = {"python": platform.python_version()}
     for library in ("bento_like", *libraries):
         try:
@@ -177,7 +182,7 @@ class ModelStore:
                 metadata=metadata,
                 labels=labels,
                 details=details,
-                library_versions=_library_versions(adapter.libraries),
+                library_versions=dict(_library_versions(adapter.libraries)),
                 chunk_size=CHUNK_SIZE,
             )
             (staged / MANIFEST_FILE).write_bytes(encode(info))
@@ -220,10 +225,8 @@ class ModelStore:
                 os.rename(model.path, trash / "model")
             except FileNotFoundError:
                 raise ModelNotFoundError(f"{model.tag} was deleted meanwhile") from None
-        try:
+        with suppress(OSError):  # other versions remain, or a save is filling the name right now
             model.path.parent.rmdir()
-        except OSError:
-            pass  # other versions remain, or a save is filling the name right now
         return model.tag
 
     def export_model(self, tag: str, path: str | os.PathLike[str]) -> Path:

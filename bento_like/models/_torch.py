@@ -112,7 +112,8 @@ def _eager_signature(module: torch.nn.Module, args: tuple[Any, ...]) -> Signatur
     finally:
         module.train(was_training)
     results = result if isinstance(result, (tuple, list)) else (result,)
-    return Signature(name="forward", inputs=inputs, outputs=[_tensor_spec(f"output_{i}", r) for i, r in enumerate(results)])
+    outputs = [_tensor_spec(f"output_{i}", r) for i, r in enumerate(results)]
+    return Signature(name="forward", inputs=inputs, outputs=outputs)
 
 
 def _export(module: torch.nn.Module, args: tuple[Any, ...], dynamic_shapes: Any) -> Any:

@@ -1,0 +1,168 @@
+"""``pkg models``: list, inspect, delete, export and import stored models."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+OUTPUT = click.option(
+    "-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True,
+    help="json prints one JSON document for scripts.",
+)
+
+
+def _store_errors(command: Callable[..., None]) -> Callable[..., None]:
+    """Turn model store errors into a one-line message and exit status 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        from ..models import ModelStoreError
+
+        try:
+            command(*args, **kwargs)
+        except ModelStoreError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper
+
+
+def _human(size: int) -> str:
+    units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    value, unit = float(size), 0
+    while value >= 1024 and unit < len(units) - 1:
+        value /= 1024
+        unit += 1
+    return f"{size} B" if unit == 0 else f"{value:.1f} {units[unit]}"
+
+
+def _document(model: Any) -> dict[str, Any]:
+    import msgspec
+
+    return {"tag": model.tag, "path": str(model.path), **msgspec.to_builtins(model.info)}
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def _signature(signature: Any) -> str:
+    def specs(items: list[Any]) -> str:
+        return ", ".join(f"{s.name}: {s.dtype}{s.shape}" for s in items)
+
+    return f"{signature.name}({specs(signature.inputs)}) -> {specs(signature.outputs)}"
+
+
+def _parse_labels(values: tuple[str, ...]) -> dict[str, str]:
+    labels = {}
+    for value in values:
+        key, sep, label = value.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{value!r} is not KEY=VALUE", param_hint="--label")
+        labels[key] = label
+    return labels
+
+
+@click.group("models")
+def models_group() -> None:
+    """The local model store ($BENTO_LIKE_HOME/models)."""
+
+
+@models_group.command("list")
+@click.argument("name", required=False)
+@click.option("-l", "--label", "labels", multiple=True, metavar="KEY=VALUE", help="Only models with this label.")
+@OUTPUT
+@_store_errors
+def list_command(name: str | None, labels: tuple[str, ...], output: str) -> None:
+    """List stored models, newest first within a name; NAME keeps one name."""
+    from .. import models
+
+    found = models.list(name, labels=_parse_labels(labels))
+    if output == "json":
+        click.echo(json.dumps([_document(model) for model in found], indent=2))
+        return
+    if not found:
+        click.echo("no models")
+        return
+    rows = [["TAG", "FRAMEWORK", "SIZE", "CREATED", "LABELS"]]
+    for model in found:
+        info = model.info
+        labels_text = ",".join(f"{k}={v}" for k, v in sorted(info.labels.items()))
+        created = info.created_at.strftime("%Y-%m-%d %H:%M:%S")
+        rows.append([model.tag, info.framework, _human(info.size), created, labels_text])
+    click.echo(_table(rows))
+
+
+@models_group.command("get")
+@click.argument("tag")
+@OUTPUT
+@_store_errors
+def get_command(tag: str, output: str) -> None:
+    """Show one model's manifest; TAG is name:version, name:latest or name."""
+    from .. import models
+
+    model = models.get(tag)
+    if output == "json":
+        click.echo(json.dumps(_document(model), indent=2))
+        return
+    info = model.info
+    lines = [
+        ("tag", model.tag),
+        ("path", str(model.path)),
+        ("framework", info.framework),
+        ("created", info.created_at.isoformat()),
+        ("size", _human(info.size)),
+        ("digest", info.digest),
+        ("labels", ", ".join(f"{k}={v}" for k, v in sorted(info.labels.items()))),
+        ("metadata", json.dumps(info.metadata)),
+        ("details", json.dumps(info.details)),
+        ("libraries", ", ".join(f"{k} {v}" for k, v in info.library_versions.items())),
+    ]
+    lines += [("signature", _signature(signature)) for signature in info.signatures]
+    lines += [("file", f"{entry.path} ({_human(entry.size)})") for entry in info.files]
+    click.echo("\n".join(f"{key + ':':<11} {value}" for key, value in lines))
+
+
+@models_group.command("delete")
+@click.argument("tags", nargs=-1, required=True)
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@_store_errors
+def delete_command(tags: tuple[str, ...], yes: bool) -> None:
+    """Delete model versions (name:version or name:latest)."""
+    from .. import models
+
+    if not yes:
+        click.confirm(f"Delete {', '.join(tags)}?", abort=True)
+    for tag in tags:
+        click.echo(f"deleted {models.delete(tag)}")
+
+
+@models_group.command("export")
+@click.argument("tag")
+@click.argument("path", type=click.Path(dir_okay=False, writable=True))
+@_store_errors
+def export_command(tag: str, path: str) -> None:
+    """Write one model to the archive PATH (gzip-compressed when PATH ends in .gz or .tgz)."""
+    from .. import models
+
+    click.echo(str(models.export_model(tag, path)))
+
+
+@models_group.command("import")
+@click.argument("path", type=click.Path(dir_okay=False, exists=True))
+@click.option(
+    "--trust", is_flag=True,
+    help="Accept a model that is unpickled at load (pickle, torch): loading it runs code from the archive.",
+)
+@OUTPUT
+@_store_errors
+def import_command(path: str, trust: bool, output: str) -> None:
+    """Add the model in the archive PATH to the store and print its tag."""
+    from .. import models
+
+    tag = models.import_model(path, trust=trust)
+    click.echo(json.dumps({"tag": tag}) if output == "json" else tag)
