@@ -25,7 +25,7 @@ class APIConfig:
     route: str
     batchable: bool = False
     max_batch_size: int = 64
-    max_latency_ms: float = 100.0
+    max_latency_ms: float = 1000.0
     batch_dim: int | tuple[int, int] = 0
     preferred_batch_sizes: tuple[int, ...] = ()
     params: tuple[str, ...] = field(default=())
@@ -50,7 +50,7 @@ def api(
     name: str | None = None,
     batchable: bool = False,
     max_batch_size: int = 64,
-    max_latency_ms: float = 100.0,
+    max_latency_ms: float = 1000.0,
     batch_dim: int | tuple[int, int] = 0,
     preferred_batch_sizes: list[int] | tuple[int, ...] | None = None,
 ) -> Callable[[F], F]: ...
@@ -63,7 +63,7 @@ def api(
     name: str | None = None,
     batchable: bool = False,
     max_batch_size: int = 64,
-    max_latency_ms: float = 100.0,
+    max_latency_ms: float = 1000.0,
     batch_dim: int | tuple[int, int] = 0,
     preferred_batch_sizes: list[int] | tuple[int, ...] | None = None,
 ) -> Any:
