@@ -48,6 +48,7 @@ def cli() -> None:
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds a request may run [service's traffic.timeout].")
 @click.option("--max-concurrency", type=click.IntRange(1), help="Requests handled at once before 429 [service's].")
 @click.option("--max-body-size", type=ByteSize(), help="Largest request body, e.g. 10MB [service's, or 64MiB].")
+@click.option("--max-queue", type=click.IntRange(1), help="Requests waiting per API before 429 [service's, or 1024].")
 @click.option("--working-dir", type=click.Path(file_okay=False, exists=True), help="Where TARGET is resolved [cwd].")
 @click.option("--graceful-timeout", default=30.0, show_default=True, help="Seconds in-flight requests get on SIGTERM.")
 def serve(target: str, **opts) -> None:  # type: ignore[no-untyped-def]
@@ -67,7 +68,10 @@ def serve(target: str, **opts) -> None:  # type: ignore[no-untyped-def]
             working_dir=opts["working_dir"],
             graceful_timeout=opts["graceful_timeout"],
             options=ServeOptions(
-                timeout=opts["timeout"], max_concurrency=opts["max_concurrency"], max_body_size=opts["max_body_size"]
+                timeout=opts["timeout"],
+                max_concurrency=opts["max_concurrency"],
+                max_body_size=opts["max_body_size"],
+                max_queue=opts["max_queue"],
             ),
         )
     except ServiceDefinitionError as exc:

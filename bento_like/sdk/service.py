@@ -101,7 +101,7 @@ class Dependency:
 
 
 def depends(target: type) -> Any:
-    """Compose services: ``self.embedder = bl.depends(Embedder)`` gives this service an Embedder instance."""
+    """Compose services: ``embedder = bl.depends(Embedder)`` as a class attribute gives each instance an Embedder."""
     return Dependency(target)
 
 

@@ -90,20 +90,30 @@ class ServerState:
         return [i for i in range(len(shared)) if shared[i] != 1]
 
     async def warm_up(self) -> None:
-        """Run each API whose inputs can be made up (arrays of declared shape) before turning ready."""
+        """Run each API whose inputs can be made up (arrays of declared shape) before turning ready.
+
+        A warm-up that fails (a model that refuses zeros, say) is logged and skipped: the latency model
+        then learns from the first real batches instead."""
         for ep in self.endpoints:
+            try:
+                await self._warm_up(ep)
+            except Exception as exc:
+                log.warning("warm-up of API %r failed (%s: %s); serving without it", ep.name, type(exc).__name__, exc)
             if ep.batcher is not None:
-                example = ep.codec.example(1, ep.config.input_batch_dim)
-                if example is not None:
-                    await ep.batcher.warm_up(example[ep.config.params[0]])
                 ep.batcher.start()
-                continue
-            example = ep.codec.example(1)
-            if example is None or ep.is_gen or ep.is_async_gen:
-                continue
-            for inst in self.pool.instances:
-                method = getattr(inst.obj, ep.attr)
-                await (method(**example) if ep.is_async else inst.runner.submit(method, **example))
+
+    async def _warm_up(self, ep: APIEndpoint) -> None:
+        if ep.batcher is not None:
+            example = ep.codec.example(1, ep.config.input_batch_dim)
+            if example is not None:
+                await ep.batcher.warm_up(example[ep.config.params[0]])
+            return
+        example = ep.codec.example(1)
+        if example is None or ep.is_gen or ep.is_async_gen:
+            return
+        for inst in self.pool.instances:
+            method = getattr(inst.obj, ep.attr)
+            await (method(**example) if ep.is_async else inst.runner.submit(method, **example))
 
     def stop_batchers(self) -> None:
         for ep in self.endpoints:
@@ -126,6 +136,8 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_st
     docs_html = SWAGGER_HTML.format(title=spec.name)
 
     async def livez(request: Request) -> Response:
+        if state.failure:  # a process whose instances could not be built will never recover: restart it
+            return JSONResponse({"alive": False, "state": "failed", "error": f"startup failed: {state.failure}"}, 503)
         return PlainTextResponse("ok")
 
     async def readyz(request: Request) -> Response:

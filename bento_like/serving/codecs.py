@@ -46,6 +46,14 @@ def _dec_hook(tp: Any, obj: Any) -> Any:
     raise NotImplementedError(f"cannot decode {tp!r}")
 
 
+def _schema_hook(tp: Any) -> dict[str, Any]:
+    if tp is np.ndarray:
+        return {"type": "array", "items": {}, "description": "a (nested) list of numbers: an n-dimensional array"}
+    if tp is File:
+        return {"type": "string", "format": "binary"}
+    raise NotImplementedError(f"no JSON schema for {tp!r}")
+
+
 def _enc_hook(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         return obj.tolist()
@@ -97,7 +105,13 @@ class InputCodec:
         self._arrays = tuple(p for p in params if p.array is not None and (p.array.dtype or p.array.shape))
         # A single bytes/File input may arrive as the raw body.
         self.raw_param = params[0] if len(params) == 1 and params[0].kind in ("bytes", "file") else None
-        self.accepts_multipart = any(p.kind in ("bytes", "file") for p in params) or bool(params)
+        try:  # a type msgspec cannot decode or describe fails here, at load, not on the first request
+            msgspec.json.schema_components([self.struct], schema_hook=_schema_hook)
+        except (TypeError, NotImplementedError) as exc:
+            raise ServiceDefinitionError(
+                f"API {api.name!r}: an input type cannot be served ({exc}); use builtins, msgspec Structs, "
+                "dataclasses, np.ndarray, bytes or bento_like.File"
+            ) from None
 
     def example(self, items: int, batch_dim: int = 0) -> dict[str, Any] | None:
         """Zero-filled arguments for warm-up, when every input is an array of declared shape (else None)."""
@@ -139,8 +153,11 @@ class InputCodec:
         return {self.raw_param.name: value}
 
     def decode_form(self, form: dict[str, Any]) -> dict[str, Any]:
+        for p in self.params:  # msgspec converts to bytes natively, never through the dec_hook
+            if p.kind == "bytes" and isinstance(form.get(p.name), File):
+                form[p.name] = form[p.name].data
         try:
-            value = msgspec.convert(form, self.struct, strict=False, dec_hook=_form_dec_hook)
+            value = msgspec.convert(form, self.struct, strict=False, dec_hook=_dec_hook)
         except msgspec.ValidationError as exc:
             raise validation_error(str(exc)) from None
         return self._finish(value)
@@ -150,12 +167,6 @@ class InputCodec:
         for p in self._arrays:
             kwargs[p.name] = _check_array(p, kwargs[p.name])
         return kwargs
-
-
-def _form_dec_hook(tp: Any, obj: Any) -> Any:
-    if tp is bytes and isinstance(obj, File):
-        return obj.data
-    return _dec_hook(tp, obj)
 
 
 def _check_array(p: Param, arr: Any) -> Any:

@@ -171,9 +171,13 @@ class Instance:
         order = self._started if kind == "startup" else list(reversed(self._started))
         for spec, obj in order:
             for attr in spec.startup_hooks if kind == "startup" else spec.shutdown_hooks:
-                result = getattr(obj, attr)()
-                if inspect.isawaitable(result):
-                    await result
+                hook = getattr(obj, attr)
+                if inspect.iscoroutinefunction(hook):
+                    await hook()
+                else:  # like __init__, a sync hook may block: keep the event loop answering meanwhile
+                    result = await asyncio.get_running_loop().run_in_executor(None, hook)
+                    if inspect.isawaitable(result):
+                        await result
 
 
 class InstancePool:

@@ -12,16 +12,8 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from ..sdk.io import ArraySpec, File
-from .codecs import InputCodec, output_kind
-
-
-def _schema_hook(tp: Any) -> dict[str, Any]:
-    if tp is np.ndarray:
-        return {"type": "array", "items": {}, "description": "a (nested) list of numbers: an n-dimensional array"}
-    if tp is File:
-        return {"type": "string", "format": "binary"}
-    raise NotImplementedError
+from ..sdk.io import ArraySpec
+from .codecs import InputCodec, _schema_hook, output_kind
 
 
 def array_schema(spec: ArraySpec) -> dict[str, Any]:
@@ -122,18 +114,22 @@ def build_openapi(service_name: str, version: str, endpoints: list[Any]) -> dict
 
 
 def _components(structs: list[Any], outputs: list[Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    types = list(structs) + list(outputs)
+    # An output type msgspec can't describe (a Response, an iterator, a custom class) is described as
+    # anything, on its own: the other APIs keep their schemas.
+    describable = [t for t in outputs if _describable(t)]
+    schemas, components = msgspec.json.schema_components(
+        list(structs) + describable, schema_hook=_schema_hook, ref_template="#/components/schemas/{name}"
+    )
+    found = iter(schemas[len(structs):])
+    return list(schemas[: len(structs)]) + [next(found) if _describable(t) else {} for t in outputs], dict(components)
+
+
+def _describable(tp: Any) -> bool:
     try:
-        schemas, components = msgspec.json.schema_components(
-            types, schema_hook=_schema_hook, ref_template="#/components/schemas/{name}"
-        )
-        return list(schemas), dict(components)
+        msgspec.json.schema(tp, schema_hook=_schema_hook)
+        return True
     except (TypeError, NotImplementedError, ValueError):
-        # An output type msgspec can't describe (a Response, a custom class): describe it as anything.
-        schemas, components = msgspec.json.schema_components(
-            structs, schema_hook=_schema_hook, ref_template="#/components/schemas/{name}"
-        )
-        return list(schemas) + [{} for _ in outputs], dict(components)
+        return False
 
 
 def _output_content(kind: str, schema: dict[str, Any]) -> dict[str, Any]:

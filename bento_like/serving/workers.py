@@ -49,7 +49,8 @@ def serve(
     working_dir = str(Path(working_dir or os.getcwd()).resolve())
     options = options or ServeOptions()
     _configure_logging(log_level)
-    spec = load_service(target, working_dir)  # fail fast, in the parent, on a broken service
+    spec = load_service(target, working_dir)
+    app = create_app(spec, options)  # fails fast, in the parent, on an API that cannot be served
     workers = workers or spec.workers
     server_args: dict[str, Any] = dict(
         log_level=log_level,
@@ -65,7 +66,7 @@ def serve(
     else:
         import uvicorn
 
-        _server(uvicorn.Config(create_app(spec, options), host=host, port=port, **server_args)).run()
+        _server(uvicorn.Config(app, host=host, port=port, **server_args)).run()
 
 
 def _serve_with_reload(

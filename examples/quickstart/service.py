@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 import numpy as np
 
@@ -23,7 +25,7 @@ class Demo:
         self.w = np.ones((4, 2), dtype=np.float32)
 
     @bl.api
-    def predict(self, x: np.ndarray) -> np.ndarray:
+    def predict(self, x: Annotated[np.ndarray, bl.Shape(-1, 4), bl.DType("float32")]) -> np.ndarray:
         """Multiply a batch of 4-feature rows by the weights."""
         return x @ self.w
 

@@ -198,3 +198,24 @@ def test_health_metrics_and_docs(http: httpx.Client) -> None:
     html = http.get("/docs").text
     assert "/docs/static/swagger-ui-bundle.js" in html and "http" not in html.split("<script")[1].split("src=")[1][:5]
     assert http.get("/docs/static/swagger-ui-bundle.js").status_code == 200
+
+
+def test_bytes_parameter_takes_a_multipart_file_part(start_server) -> None:
+    server = start_server("full.py:Uploads", cwd=HERE / "services")
+    r = httpx.post(server.url + "/size", files={"blob": ("b.bin", b"123456")}, data={"label": "six"})
+    assert r.status_code == 200
+    assert r.json() == {"size": 6, "label": "six"}
+
+
+def test_an_input_type_that_cannot_be_served_fails_at_load_naming_the_api(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "odd.py").write_text(
+        "import bento_like as bl\n\nclass Thing:\n    pass\n\n"
+        "@bl.service\nclass S:\n    @bl.api\n    def f(self, t: Thing) -> int:\n        return 1\n"
+    )
+    r = subprocess.run([sys.executable, "-m", "bento_like", "serve", "odd.py:S", "--port", "1", "--workers", "2"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "API 'f': an input type cannot be served" in r.stderr

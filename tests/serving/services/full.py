@@ -101,3 +101,10 @@ class Full:
         for i in range(n):
             await asyncio.sleep(0)
             yield f"token-{i}"
+
+
+@bl.service(name="uploads")
+class Uploads:
+    @bl.api
+    def size(self, blob: bytes, label: str = "") -> dict:
+        return {"size": len(blob), "label": label}
