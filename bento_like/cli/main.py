@@ -52,7 +52,7 @@ def cli() -> None:
 @click.option("--working-dir", type=click.Path(file_okay=False, exists=True), help="Where TARGET is resolved [cwd].")
 @click.option("--graceful-timeout", default=30.0, show_default=True, help="Seconds in-flight requests get on SIGTERM.")
 def serve(target: str, **opts) -> None:  # type: ignore[no-untyped-def]
-    """Serve TARGET: a service as file.py:Class or module:Class."""
+    """Serve TARGET: a service as file.py:Class or module:Class, or a bento (name:version or its directory)."""
     from ..sdk.api import ServiceDefinitionError
     from ..serving import ServeOptions, serve as run
 
@@ -79,9 +79,12 @@ def serve(target: str, **opts) -> None:  # type: ignore[no-untyped-def]
 
 
 def _add_groups() -> None:
+    from .bentos import COMMANDS
     from .models import models_group
 
     cli.add_command(models_group, name="models")
+    for command in COMMANDS:
+        cli.add_command(command)
 
 
 _add_groups()

@@ -9,15 +9,13 @@ refused archive leaves the store as it was.
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import os
-import secrets
 import tarfile
 import zlib
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .._archives import safe_extract, write_archive
 from ._digest import verify_files
 from ._errors import (
     AdapterError,
@@ -34,36 +32,14 @@ from ._registry import adapter_for
 if TYPE_CHECKING:
     from ._store import ModelStore
 
-_COMPRESSED_SUFFIXES = (".gz", ".tgz")
-
-
 def export_model(store: ModelStore, tag: str, path: str | os.PathLike[str]) -> Path:
     """Write the model to `path` (a tar file; gzip-compressed when the name ends in .gz or .tgz).
 
     The files are verified first: a corrupted model is never exported."""
     model = store.get(tag)
     model.verify()
-    dest = Path(path)
-    partial = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.partial")
-    prefix = f"{model.name}/{model.version}"
-    try:
-        with open(partial, "wb") as raw:
-            compressed = dest.name.endswith(_COMPRESSED_SUFFIXES)
-            out = gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=6, mtime=0) if compressed else raw
-            with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                for rel in [MANIFEST_FILE, *(entry.path for entry in model.info.files)]:
-                    source = model.path / rel
-                    member = tarfile.TarInfo(f"{prefix}/{rel}")
-                    member.size = source.stat().st_size
-                    member.mode = 0o644
-                    with open(source, "rb") as f:
-                        tar.addfile(member, f)
-            if compressed:
-                out.close()
-        os.replace(partial, dest)
-    finally:
-        partial.unlink(missing_ok=True)
-    return dest
+    files = [MANIFEST_FILE, *(entry.path for entry in model.info.files)]
+    return write_archive(Path(path), f"{model.name}/{model.version}", model.path, files)
 
 
 def _is_tag_prefix(name: str, version: str) -> bool:
@@ -75,59 +51,8 @@ def _is_tag_prefix(name: str, version: str) -> bool:
     return True
 
 
-def _member_path(member: tarfile.TarInfo, source: Path) -> tuple[str, str] | None:
-    """(`name/version`, path inside it) for a regular file; None for a directory; refuses everything else."""
-    name = member.name
-    if member.issym() or member.islnk():
-        raise UnsafeArchiveError(
-            f"{source}: member {name!r} is a link to {member.linkname!r}; a model holds only regular files"
-        )
-    if not (member.isfile() or member.isdir()):
-        raise UnsafeArchiveError(f"{source}: member {name!r} is a device, fifo or other special file")
-    pure = PurePosixPath(name)
-    parts = [part for part in pure.parts if part != "."]
-    if pure.is_absolute() or ".." in parts or "\\" in name or not parts:
-        raise UnsafeArchiveError(f"{source}: member {name!r} points outside the model (absolute or '..' path)")
-    if member.isdir():
-        return None  # directories are made from the paths of the files in them
-    if len(parts) < 3 or not _is_tag_prefix(parts[0], parts[1]):
-        raise UnsafeArchiveError(f"{source}: member {name!r} is not under <name>/<version>/")
-    return f"{parts[0]}/{parts[1]}", "/".join(parts[2:])
-
-
 def _extract(tar: tarfile.TarFile, source: Path, staged: Path) -> tuple[str, dict[str, tuple[int, str]]]:
-    """Extract regular files into staged, returning the model prefix and each file's (size, sha256)."""
-    prefix = None
-    extracted: dict[str, tuple[int, str]] = {}
-    root = staged.resolve()
-    for member in tar:
-        found = _member_path(member, source)
-        if found is None:
-            continue
-        member_prefix, rel = found
-        if prefix is None:
-            prefix = member_prefix
-        elif member_prefix != prefix:
-            raise UnsafeArchiveError(f"{source}: holds more than one model ({prefix}, {member_prefix})")
-        if rel in extracted:
-            raise UnsafeArchiveError(f"{source}: member {member.name!r} appears twice")
-        target = staged / rel
-        if not target.resolve().is_relative_to(root):
-            raise UnsafeArchiveError(f"{source}: member {member.name!r} points outside the model")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        size = 0
-        reader = tar.extractfile(member)
-        assert reader is not None  # regular files always have a reader
-        with reader, open(target, "xb") as out:
-            while block := reader.read(2**20):
-                digest.update(block)
-                size += len(block)
-                out.write(block)
-        extracted[rel] = (size, digest.hexdigest())
-    if prefix is None:
-        raise UnsafeArchiveError(f"{source}: holds no model files")
-    return prefix, extracted
+    return safe_extract(tar, source, staged, _is_tag_prefix, "model", UnsafeArchiveError)
 
 
 def import_model(store: ModelStore, path: str | os.PathLike[str], *, trust: bool = False) -> str:

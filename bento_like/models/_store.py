@@ -320,4 +320,6 @@ class ModelStore:
 
 
 def default_store() -> ModelStore:
-    return ModelStore(home() / "models")
+    """$BENTO_LIKE_MODEL_STORE (set when serving a bento: its own models/), else $BENTO_LIKE_HOME/models."""
+    override = os.environ.get("BENTO_LIKE_MODEL_STORE")
+    return ModelStore(Path(override) if override else home() / "models")

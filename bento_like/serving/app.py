@@ -121,6 +121,12 @@ class ServerState:
                 ep.batcher.stop()
 
 
+def openapi_document(spec: ServiceSpec) -> dict[str, Any]:
+    """The OpenAPI document a server of this service publishes, without building any instance."""
+    state = ServerState(spec, ServeOptions())
+    return build_openapi(spec.name, __version__, [APIEndpoint(state, e.attr, e.config) for e in spec.apis])
+
+
 def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_status: Any = None) -> Starlette:
     """The app for one process. ``worker_status`` is ``(shared array, my index)`` under a supervisor."""
     options = options or ServeOptions()

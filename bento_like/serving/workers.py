@@ -49,6 +49,7 @@ def serve(
     working_dir = str(Path(working_dir or os.getcwd()).resolve())
     options = options or ServeOptions()
     _configure_logging(log_level)
+    target, working_dir = _resolve_bento(target, working_dir)
     spec = load_service(target, working_dir)
     app = create_app(spec, options)  # fails fast, in the parent, on an API that cannot be served
     workers = workers or spec.workers
@@ -67,6 +68,26 @@ def serve(
         import uvicorn
 
         _server(uvicorn.Config(app, host=host, port=port, **server_args)).run()
+
+
+def _resolve_bento(target: str, working_dir: str) -> tuple[str, str]:
+    """A bento (its directory, or name:version in the bento store) is served from its src/ with its own models,
+    exactly as its image serves it; anything else is a service target left as it is."""
+    from ..bentos import MANIFEST_FILE, BentoError, BentoStore
+
+    directory = Path(working_dir) / target
+    if (directory / MANIFEST_FILE).is_file():
+        bento = BentoStore().get(str(directory))
+    elif target.endswith(".py") or ".py:" in target:
+        return target, working_dir
+    else:
+        try:
+            bento = BentoStore().get(target)
+        except BentoError:
+            return target, working_dir  # module or module:Class
+    log.info("serving bento %s from %s", bento.tag, bento.path)
+    os.environ["BENTO_LIKE_MODEL_STORE"] = str(bento.path / "models")
+    return bento.info.service, str(bento.path / "src")
 
 
 def _serve_with_reload(

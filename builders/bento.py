@@ -1,0 +1,289 @@
+"""`pkg build`: a service, its exact models, a locked environment and its API description, as one bento.
+
+The bento's version is derived from its content (code, model digests, lock, API, config), so building twice
+unchanged gives the same version and installs nothing new. The build config comes from ``bentofile.yaml`` or
+``[tool.bento_like.build]`` in pyproject.toml, validated with msgspec: errors name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import msgspec
+import yaml
+
+from .. import __version__
+from ..bentos import (
+    MANIFEST_FILE,
+    APIEntry,
+    Bento,
+    BentoError,
+    BentoManifest,
+    BentoStore,
+    BuildInfo,
+    FileEntry,
+    ModelEntry,
+    PythonEnv,
+    check_name,
+    encode_manifest,
+    sha256_file,
+)
+from ..models import ModelStore, default_store
+from ..sdk.loader import load_service
+from .lock import resolve, runtime_requirements
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+DEFAULT_EXCLUDE = (
+    "__pycache__", "*.pyc", ".git", ".venv", "venv", ".pytest_cache", "*.egg-info", ".mypy_cache", "bentofile.yaml",
+)
+# What each framework's models need at serving time, beyond bento_like itself.
+FRAMEWORK_REQUIREMENTS = {"torch": ("torch",), "onnx": ("onnxruntime",), "tensorrt": ("tensorrt",)}
+
+
+class BuildConfigError(BentoError):
+    """The build config is wrong; the message names the file and the key."""
+
+
+class PythonConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    packages: list[str] = []
+    requirements_txt: str | None = None
+    version: str | None = None
+    platform: str = "linux/amd64"
+
+
+class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    tag: str
+    optimize: list[dict[str, Any]] = []
+    quality: dict[str, Any] | None = None
+
+
+class BuildConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    service: str
+    name: str | None = None
+    include: list[str] = msgspec.field(default_factory=lambda: ["**"])
+    exclude: list[str] = []
+    python: PythonConfig = PythonConfig()
+    labels: dict[str, str] = {}
+    base_image: str | None = None
+    models: list[ModelConfig] = []
+
+
+def load_build_config(context: Path, file: Path | None = None) -> BuildConfig:
+    """``file``, else ``context/bentofile.yaml``, else ``[tool.bento_like.build]`` in ``context/pyproject.toml``."""
+    if file is None and (context / "bentofile.yaml").is_file():
+        file = context / "bentofile.yaml"
+    if file is not None:
+        try:
+            data = yaml.safe_load(file.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise BuildConfigError(f"{file}: {exc}") from None
+        where = str(file)
+    elif (context / "pyproject.toml").is_file():
+        data = tomllib.loads((context / "pyproject.toml").read_text()).get("tool", {}).get("bento_like", {}).get("build")
+        where = f"{context / 'pyproject.toml'} [tool.bento_like.build]"
+        if data is None:
+            raise BuildConfigError(f"{context} has no bentofile.yaml and its pyproject.toml no [tool.bento_like.build]")
+    else:
+        raise BuildConfigError(f"{context} has no bentofile.yaml (or pyproject.toml with [tool.bento_like.build])")
+    if not isinstance(data, dict):
+        raise BuildConfigError(f"{where}: expected a mapping of keys such as service, include, python")
+    try:
+        return msgspec.convert(data, BuildConfig)
+    except msgspec.ValidationError as exc:
+        message, _, path = str(exc).rpartition(" - at `")
+        key = path.rstrip("`").removeprefix("$").lstrip(".") if path else ""
+        if not message:
+            message = str(exc)
+        if message.startswith("Object contains unknown field"):
+            key = message.split("`")[1] if not key else f"{key}.{message.split('`')[1]}"
+        raise BuildConfigError(f"{where}: {key or 'top level'}: {message}") from None
+
+
+@dataclass
+class BuildResult:
+    bento: Bento
+    created: bool  # False when the same version already existed
+    seconds: float
+
+
+def build_bento(
+    context: str | os.PathLike[str],
+    config: BuildConfig | None = None,
+    *,
+    config_file: str | os.PathLike[str] | None = None,
+    store: BentoStore | None = None,
+    model_store: ModelStore | None = None,
+    refresh_lock: bool = False,
+    progress: Callable[[str], None] = lambda line: None,
+) -> BuildResult:
+    started = time.perf_counter()
+    context = Path(context).resolve()
+    cfg = config or load_build_config(context, Path(config_file) if config_file else None)
+    store = store or BentoStore()
+    model_store = model_store or default_store()
+    spec = load_service(cfg.service, context)
+    name = check_name(cfg.name or spec.name.lower().replace("_", "-"))
+    staged = store.staging()
+    try:
+        progress(f"service {spec.name} from {cfg.service}")
+        files = _copy_sources(context, staged / "src", cfg)
+        progress(f"source: {len(files)} files")
+        models = _copy_models(spec, cfg, model_store, staged / "models", progress)
+        python_version = cfg.python.version or f"{sys.version_info.major}.{sys.version_info.minor}"
+        requirements = _requirements(context, cfg, models)
+        progress(f"locking {len(requirements)} requirements for {cfg.python.platform}, Python {python_version}")
+        lock = resolve(
+            requirements,
+            python_version=python_version,
+            platform=cfg.python.platform,
+            cache_dir=store.root.parent / "cache" / "locks",
+            refresh=refresh_lock,
+        )
+        (staged / "env").mkdir()
+        (staged / "env" / "requirements.lock.txt").write_text(lock.text)
+        from ..serving import openapi_document  # the one description every surface derives from
+
+        openapi = openapi_document(spec)
+        (staged / "openapi.json").write_bytes(json.dumps(openapi, sort_keys=True, indent=1).encode())
+        entries = tuple(_file_entries(staged, ["openapi.json", "env/requirements.lock.txt"] + [f"src/{f}" for f in files]))
+        draft = BentoManifest(
+            name=name,
+            version="0",
+            service=cfg.service,
+            service_name=spec.name,
+            apis=_apis(openapi),
+            models=tuple(models),
+            resources=dataclasses.asdict(spec.resources),
+            traffic=dataclasses.asdict(spec.traffic),
+            labels=dict(sorted(cfg.labels.items())),
+            python=PythonEnv(version=python_version, requirements=tuple(requirements)),
+            base_image=cfg.base_image,
+            files=entries,
+            build=BuildInfo(bento_like_version=__version__, python_version=sys.version.split()[0], created_at=""),
+        )
+        version = _content_version(draft)
+        manifest = msgspec.structs.replace(
+            draft, version=version, build=msgspec.structs.replace(draft.build, created_at=_now())
+        )
+        (staged / MANIFEST_FILE).write_bytes(encode_manifest(manifest))
+        existed = (store.root / name / version).exists()
+        bento = store.install(staged, manifest)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    progress(f"bento {bento.tag} {'already existed' if existed else 'built'} at {bento.path}")
+    return BuildResult(bento=bento, created=not existed, seconds=time.perf_counter() - started)
+
+
+def _now() -> str:
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    moment = datetime.fromtimestamp(float(epoch) if epoch else time.time(), tz=timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _content_version(draft: BentoManifest) -> str:
+    """A digest of everything the bento holds except when it was built."""
+    data = msgspec.to_builtins(draft)
+    data.pop("version")
+    data.pop("build")
+    data["bento_like_version"] = draft.build.bento_like_version
+    return hashlib.sha256(msgspec.json.encode(data, order="sorted")).hexdigest()[:16]
+
+
+def _selected(rel: str, cfg: BuildConfig) -> bool:
+    parts = rel.split("/")
+    for pattern in (*DEFAULT_EXCLUDE, *cfg.exclude):
+        pattern = pattern.rstrip("/")
+        if fnmatch.fnmatch(rel, pattern) or any(fnmatch.fnmatch(p, pattern) for p in parts):
+            return False
+    return any(pattern in ("**", "*") or fnmatch.fnmatch(rel, pattern) for pattern in cfg.include)
+
+
+def _copy_sources(context: Path, dest: Path, cfg: BuildConfig) -> list[str]:
+    files = []
+    for path in sorted(context.rglob("*")):
+        rel = path.relative_to(context).as_posix()
+        if path.is_symlink() or not path.is_file() or not _selected(rel, cfg):
+            continue
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+        files.append(rel)
+    if not any(f.endswith(".py") for f in files):
+        raise BuildConfigError(f"include/exclude select no Python file from {context}")
+    return files
+
+
+def _copy_models(spec: Any, cfg: BuildConfig, model_store: ModelStore, dest: Path, progress: Callable[[str], None]) -> list[ModelEntry]:
+    """Exactly the models the service references (and its dependencies), each once."""
+    entries: list[ModelEntry] = []
+    copied: set[str] = set()
+    for attr, ref in sorted(spec.model_refs().items()):
+        model = ref.resolve(model_store)
+        model.verify()
+        size = sum(f.size for f in model.info.files)
+        if model.tag not in copied:
+            shutil.copytree(model.path, dest / model.name / model.version)
+            copied.add(model.tag)
+            progress(f"model {model.tag} ({model.info.framework}, {size / 1e6:.1f} MB) for {attr}")
+        requires = tuple(
+            f"{lib}=={model.info.library_versions[lib]}" if lib in model.info.library_versions else lib
+            for lib in FRAMEWORK_REQUIREMENTS.get(model.info.framework, ())
+        )
+        entries.append(
+            ModelEntry(attr=attr, tag=model.tag, framework=model.info.framework, digest=model.info.digest, size=size, requires=requires)
+        )
+    return entries
+
+
+def _requirements(context: Path, cfg: BuildConfig, models: list[ModelEntry]) -> list[str]:
+    wanted = list(runtime_requirements())
+    for model in models:
+        wanted.extend(model.requires)
+    wanted.extend(cfg.python.packages)
+    if cfg.python.requirements_txt:
+        file = context / cfg.python.requirements_txt
+        if not file.is_file():
+            raise BuildConfigError(f"python.requirements_txt: {file} does not exist")
+        for line in file.read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                wanted.append(line)
+    return sorted(set(wanted))
+
+
+def _file_entries(root: Path, paths: list[str]) -> list[FileEntry]:
+    return [FileEntry(path=p, size=(root / p).stat().st_size, sha256=sha256_file(root / p)) for p in sorted(paths)]
+
+
+def _apis(openapi: dict[str, Any]) -> tuple[APIEntry, ...]:
+    apis = []
+    for route, ops in sorted(openapi["paths"].items()):
+        info = ops.get("post", {}).get("x-bento-api")
+        if info:
+            apis.append(
+                APIEntry(
+                    name=info["name"],
+                    route=route,
+                    inputs=info["inputs"],
+                    output=info["output"],
+                    batchable=info["batchable"],
+                    max_batch_size=info["max_batch_size"],
+                    max_latency_ms=info["max_latency_ms"],
+                )
+            )
+    return tuple(apis)
