@@ -35,7 +35,8 @@ def cli() -> None:
 @cli.command()
 @click.argument("target")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 for all).")
-@click.option("--port", default=3000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--port", default=3000, show_default=True, type=click.IntRange(0, 65535), envvar="BENTO_LIKE_PORT",
+              help="Port to listen on; BENTO_LIKE_PORT overrides the default (and an image's).")
 @click.option("--workers", type=click.IntRange(1), default=None, help="Processes sharing the port [service's own, or 1].")
 @click.option("--reload", is_flag=True, help="Restart when a .py file under the working directory changes.")
 @click.option(
@@ -79,11 +80,11 @@ def serve(target: str, **opts) -> None:  # type: ignore[no-untyped-def]
 
 
 def _add_groups() -> None:
-    from .bentos import COMMANDS
+    from . import bentos, images
     from .models import models_group
 
     cli.add_command(models_group, name="models")
-    for command in COMMANDS:
+    for command in bentos.COMMANDS + images.COMMANDS:
         cli.add_command(command)
 
 

@@ -1,0 +1,156 @@
+"""`pkg containerize`: a bento as an OCI image, written directly, with no Docker daemon.
+
+Layers, ordered by how often they change (so a code change rebuilds and pushes one small layer):
+
+1. the base image's layers, verbatim (a Python of the bento's version must be on it as ``python3``);
+2. the locked Python dependencies, installed for the image's platform and Python;
+3. bento_like's runtime (the package without its builders: no exporter, quantizer or TensorRT builder);
+4. one layer per model, content-addressed: two images holding the same model share the blob;
+5. the code, the manifest, the lock and the OpenAPI spec.
+
+The image serves the bento on 0.0.0.0:3000 as user 10001, exactly like ``pkg serve <bento>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from ..bentos import MANIFEST_FILE, BentoError, BentoStore
+from .oci import DEFAULT_USER, BaseImage, ImageConfig, ImageResult, LayerSpec, build_image, default_cache_dir, pip_install
+
+BENTO_DIR = "/home/bento/bento"
+SITE_PACKAGES = "/opt/bento/site-packages"
+PORT = 3000
+BASE_IMAGE_ENV = "BENTO_LIKE_BASE_IMAGE"
+
+
+class ContainerizeError(BentoError):
+    """The image cannot be made from this bento as asked; the message says what to change."""
+
+
+def image_config(bento_info, port: int = PORT) -> ImageConfig:  # type: ignore[no-untyped-def]
+    """What the image runs, as whom, with which labels; shared with the Dockerfile backend."""
+    info = bento_info
+    return ImageConfig(
+        entrypoint=["python3", "-m", "bento_like", "serve", BENTO_DIR, "--host", "0.0.0.0"],
+        env={
+            "PYTHONPATH": SITE_PACKAGES,
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "HOME": "/tmp",
+            "BENTO_LIKE_HOME": "/tmp/bento_like",
+            "BENTO_LIKE_PORT": str(port),
+        },
+        exposed_ports=[port],
+        working_dir=BENTO_DIR,
+        user=DEFAULT_USER,
+        labels={f"dev.bento_like.label.{k}": v for k, v in info.labels.items()},
+        annotations={
+            "org.opencontainers.image.title": info.name,
+            "org.opencontainers.image.version": info.version,
+            "org.opencontainers.image.source": info.labels.get("source", f"bento:{info.tag}"),
+            "dev.bento_like.bento": info.tag,
+            "dev.bento_like.service": info.service_name,
+        },
+    )
+
+
+def runtime_tree(dest: Path) -> Path:
+    """bento_like as the image needs it: the package minus its builders, plus the kernels (a GPU runtime uses
+    them); no byte-code, so the layer depends only on the sources."""
+    import bento_like
+    import bento_like.kernels
+
+    package = Path(bento_like.__file__).parent
+    shutil.rmtree(dest, ignore_errors=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "builders", "kernels", "templates")
+    shutil.copytree(package, dest / "bento_like", ignore=ignore)
+    shutil.copytree(Path(bento_like.kernels.__file__).parent, dest / "bento_like" / "kernels", ignore=ignore)
+    return dest
+
+
+def installed_dependencies(lock: Path, python_version: str, platform: str, cache_dir: Path) -> Path:
+    """The locked packages installed for the image, cached by the lock's content: pip runs once per lock."""
+    key = hashlib.sha256(lock.read_bytes() + f"{python_version} {platform}".encode()).hexdigest()[:24]
+    target = cache_dir / "site-packages" / key
+    if not (target / ".complete").exists():
+        partial = target.with_name(f"{key}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        pip_install(lock, partial, python_version=python_version, platform=platform, extra_args=["--no-deps"])
+        (partial / ".complete").write_text("")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(partial, target)
+    return target
+
+
+def containerize(
+    ref: str,
+    *,
+    base: str | None = None,
+    output: str | os.PathLike[str] | None = None,
+    archive: str | os.PathLike[str] | None = None,
+    tag: str | None = None,
+    store: BentoStore | None = None,
+    cache_dir: Path | None = None,
+    insecure_base: bool = False,
+    progress: Callable[[str], None] = lambda line: None,
+) -> ImageResult:
+    bento = (store or BentoStore()).get(ref)
+    bento.verify()
+    info = bento.info
+    base_ref = base or info.base_image or os.environ.get(BASE_IMAGE_ENV)
+    if not base_ref:
+        raise ContainerizeError(
+            f"bento {info.tag} names no base image: pass --base (oci:DIR:TAG, oci-archive:FILE:TAG or a registry "
+            f"reference) with Python {info.python.version} as python3, set base_image in the build config, "
+            f"or set {BASE_IMAGE_ENV}"
+        )
+    cache_dir = cache_dir or default_cache_dir()
+    out = Path(output) if output else store_image_dir(info.name)
+    tag = tag or info.version
+    progress(f"dependencies: installing {bento.path / info.python.lock_file} for Python {info.python.version}")
+    site = installed_dependencies(bento.path / info.python.lock_file, info.python.version, "linux/amd64", cache_dir)
+    runtime = runtime_tree(cache_dir / "runtime" / f"build-{os.getpid()}")
+    try:
+        layers = [
+            LayerSpec.directory(site, SITE_PACKAGES, comment="python dependencies", exclude=(".complete",)),
+            LayerSpec.directory(runtime, SITE_PACKAGES, comment="bento_like runtime"),
+        ]
+        for model in sorted({m.tag for m in info.models}):
+            name, version = model.split(":")
+            layers.append(
+                LayerSpec.directory(
+                    bento.path / "models" / name / version, f"{BENTO_DIR}/models/{name}/{version}", comment=f"model {model}"
+                )
+            )
+        code = LayerSpec.directory(bento.path / "src", f"{BENTO_DIR}/src", comment="code")
+        code += LayerSpec.files(
+            {
+                f"{BENTO_DIR}/{MANIFEST_FILE}": bento.path / MANIFEST_FILE,
+                f"{BENTO_DIR}/openapi.json": bento.path / "openapi.json",
+                f"{BENTO_DIR}/{info.python.lock_file}": bento.path / info.python.lock_file,
+            },
+            comment="manifest",
+        )
+        layers.append(code)
+        progress(f"image: {len(layers)} layers on {base_ref}")
+        return build_image(
+            BaseImage.parse(base_ref, insecure=insecure_base),
+            layers,
+            image_config(info),
+            out,
+            tag,
+            archive=Path(archive) if archive else None,
+            cache_dir=cache_dir / "layers",
+        )
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def store_image_dir(name: str) -> Path:
+    """Where images go when no --output is given: one OCI layout per bento name, a tag per version."""
+    return BentoStore().root.parent / "images" / name
