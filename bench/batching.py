@@ -89,6 +89,28 @@ def hey(url: str, body_file: str, connections: int, duration: float) -> dict[str
     }
 
 
+def start_mlp_server(threads: int, max_latency_ms: float) -> tuple[subprocess.Popen, str, str]:
+    """`pkg serve` of the MLP, ready; returns the process, its URL and a request body file (one 784-float row)."""
+    port = free_port()
+    env = {**os.environ, "BENTO_LIKE_COMPUTE_THREADS": str(threads), "BENCH_MAX_LATENCY_MS": str(max_latency_ms)}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "bento_like", "serve", "batching_service:MLP", "--port", str(port), "--log-level", "warning"],
+        cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/readyz").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"x": [[0.01 * (i % 100) for i in range(784)]]}, f)
+    return server, url, f.name
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=10.0)
@@ -100,26 +122,9 @@ def main() -> None:
         sys.exit("needs hey: apt-get install hey")
 
     ceil = ceiling(args.threads, min(args.duration, 8.0))
-    port = free_port()
-    env = {**os.environ, "BENTO_LIKE_COMPUTE_THREADS": str(args.threads), "BENCH_MAX_LATENCY_MS": str(args.max_latency_ms)}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "bento_like", "serve", "batching_service:MLP", "--port", str(port), "--log-level", "warning"],
-        cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
+    server, url, body = start_mlp_server(args.threads, args.max_latency_ms)
     rows = []
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump({"x": [[0.01 * (i % 100) for i in range(784)]]}, f)
-            body = f.name
         for c in [int(c) for c in args.connections.split(",")]:
             hey(url + "/predict", body, c, 2.0)  # warm-up at this concurrency
             rows.append((c, hey(url + "/predict", body, c, args.duration)))

@@ -15,14 +15,12 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import os
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,7 +28,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from batching import HERE, ceiling, free_port  # noqa: E402
+from batching import ceiling, start_mlp_server  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -60,13 +58,7 @@ def main() -> None:
 
     capacity = ceiling(args.threads, 5.0)["items_per_s"]
     offered = capacity * args.factor
-    port = free_port()
-    env = {**os.environ, "BENTO_LIKE_COMPUTE_THREADS": str(args.threads), "BENCH_MAX_LATENCY_MS": str(args.max_latency_ms)}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "bento_like", "serve", "batching_service:MLP", "--port", str(port), "--log-level", "warning"],
-        cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
+    server, url, body = start_mlp_server(args.threads, args.max_latency_ms)
     samples: list[tuple[float, float]] = []
     ready_failures = 0
     stop = threading.Event()
@@ -84,17 +76,6 @@ def main() -> None:
             stop.wait(1.0)
 
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump({"x": [[0.01 * (i % 100) for i in range(784)]]}, f)
-            body = f.name
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         per_conn = max(1.0, offered / args.connections)

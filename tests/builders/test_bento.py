@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -21,7 +18,6 @@ from bento_like.builders.lock import LockError
 from bento_like.cli.main import cli
 
 SERVICE = '''
-import numpy as np
 import bento_like as bl
 
 

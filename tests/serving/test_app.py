@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 
 from live_server import Server
