@@ -18,6 +18,8 @@ from bento_like.builders.lock import LockError
 from bento_like.cli.main import cli
 
 SERVICE = '''
+import numpy as np
+
 import bento_like as bl
 
 
