@@ -28,7 +28,7 @@ from .batching import Batcher
 from .deadlines import Watchdog
 from .instances import InstancePool
 from .metrics import Registry
-from .oip import oip_routes
+from .v2 import v2_routes
 from .openapi import SWAGGER_HTML, build_openapi
 from .routes import APIEndpoint
 
@@ -193,7 +193,7 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_st
         Mount("/docs/static", StaticFiles(directory=_swagger_dir()), name="swagger"),
     ]
     routes += [Route(ep.config.route, ep, methods=["POST"]) for ep in endpoints]
-    routes += oip_routes(state, endpoints)
+    routes += v2_routes(state, endpoints)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
