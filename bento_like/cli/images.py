@@ -65,11 +65,20 @@ def _registry_errors(command):  # type: ignore[no-untyped-def]
 @_registry_errors
 def containerize(ref: str, base: str | None, output: str | None, archive: str | None, tag: str | None,
                  push_to: str | None, backend: str, insecure: bool) -> None:
-    """Turn the bento REF into an OCI image, without a Docker daemon."""
+    """Turn the bento REF into an OCI image.
+
+    The default backend writes the image itself and needs no Docker daemon; `--backend docker` builds it through
+    the Docker API that DOCKER_HOST names (dockerd, or podman's service) and leaves it in that daemon's store."""
     if backend == "docker":
+        unused = [flag for flag, value in (("--output", output), ("--archive", archive), ("--push", push_to),
+                                           ("--insecure", insecure)) if value]
+        if unused:
+            raise click.UsageError(
+                f"{', '.join(unused)} only apply to --backend oci: the docker backend leaves the image in the "
+                "daemon's store (push it from there, or build with the default backend)")
         from ..builders.docker_backend import build_with_docker
 
-        image = build_with_docker(ref, base=base, tag=tag, progress=click.echo)
+        image = build_with_docker(ref, base=base, tag=tag, progress=lambda line: click.echo(line, err=True))
         click.echo(image)
         return
     from ..builders.containerize import containerize as build
