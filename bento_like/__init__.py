@@ -35,11 +35,13 @@ __all__ = [
     "models",
     "on_shutdown",
     "on_startup",
+    "opt",
     "service",
 ]
 
 if TYPE_CHECKING:
     from . import models
+    from .sdk import opt
     from .client import AsyncClient, Client
     from .sdk.model_ref import model
 
@@ -48,6 +50,7 @@ _LAZY = {
     "AsyncClient": ("bento_like.client", "AsyncClient"),
     "model": ("bento_like.sdk.model_ref", "model"),
     "models": ("bento_like.models", None),
+    "opt": ("bento_like.sdk.opt", None),
 }
 
 

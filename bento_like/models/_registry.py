@@ -7,10 +7,11 @@ from typing import Any
 from ._adapters import Adapter, FilesAdapter, PickleAdapter
 from ._errors import AdapterError
 from ._onnx import OnnxAdapter
+from ._tensorrt import TensorRTAdapter
 from ._torch import TorchAdapter
 
 # Tried in this order when save is not told the framework; pickle takes anything, so it comes last.
-_BUILT_IN: list[Adapter] = [TorchAdapter(), OnnxAdapter(), FilesAdapter(), PickleAdapter()]
+_BUILT_IN: list[Adapter] = [TorchAdapter(), OnnxAdapter(), TensorRTAdapter(), FilesAdapter(), PickleAdapter()]
 _adapters: dict[str, Adapter] = {adapter.framework: adapter for adapter in _BUILT_IN}
 _user_order: list[str] = []
 

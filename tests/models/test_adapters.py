@@ -308,5 +308,5 @@ def test_a_registered_adapter_saves_and_loads(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_unknown_framework_lists_registered_ones(tmp_path: Path) -> None:
-    with pytest.raises(AdapterError, match="no adapter for framework 'tensorflow' .*files, onnx, pickle, torch"):
+    with pytest.raises(AdapterError, match="no adapter for framework 'tensorflow' .*files, onnx, pickle, tensorrt, torch"):
         bl.models.save("m", tmp_path, framework="tensorflow")
