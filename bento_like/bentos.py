@@ -62,6 +62,8 @@ class ModelEntry(msgspec.Struct, frozen=True):
     digest: str
     size: int
     requires: tuple[str, ...] = ()
+    source: str | None = None
+    """The stored model this one was optimized from at build time (its report is in the model's metadata)."""
 
 
 class PythonEnv(msgspec.Struct, frozen=True):

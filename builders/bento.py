@@ -40,6 +40,7 @@ from ..bentos import (
     sha256_file,
 )
 from ..models import ModelStore, default_store
+from ..models._store import STAGING_DIR
 from ..sdk.loader import load_service
 from .lock import resolve, runtime_requirements
 
@@ -143,7 +144,7 @@ def build_bento(
         progress(f"service {spec.name} from {cfg.service}")
         files = _copy_sources(context, staged / "src", cfg)
         progress(f"source: {len(files)} files")
-        models = _copy_models(spec, cfg, model_store, staged / "models", progress)
+        models = _copy_models(spec, cfg, model_store, staged / "models", progress, context)
         python_version = cfg.python.version or f"{sys.version_info.major}.{sys.version_info.minor}"
         requirements = _requirements(context, cfg, models)
         progress(f"locking {len(requirements)} requirements for {cfg.python.platform}, Python {python_version}")
@@ -228,26 +229,70 @@ def _copy_sources(context: Path, dest: Path, cfg: BuildConfig) -> list[str]:
     return files
 
 
-def _copy_models(spec: Any, cfg: BuildConfig, model_store: ModelStore, dest: Path, progress: Callable[[str], None]) -> list[ModelEntry]:
-    """Exactly the models the service references (and its dependencies), each once."""
+def _copy_models(
+    spec: Any, cfg: BuildConfig, model_store: ModelStore, dest: Path, progress: Callable[[str], None], context: Path
+) -> list[ModelEntry]:
+    """Exactly the models the service references (and its dependencies), each once; a reference with
+    optimization passes (declared in `bl.model(..., optimize=...)` or under `models:` in the build config)
+    contributes its optimized version, which must pass its quality gate."""
     entries: list[ModelEntry] = []
     copied: set[str] = set()
+    optimized: dict[tuple[str, str], str] = {}
     for attr, ref in sorted(spec.model_refs().items()):
         model = ref.resolve(model_store)
         model.verify()
+        source_tag: str | None = None
+        passes, quality = _optimization(ref, model.name, model.version, cfg)
+        if passes:
+            key = (model.tag, json.dumps([passes, quality], sort_keys=True, default=repr))
+            if key not in optimized:
+                optimized[key] = _optimize(model.tag, passes, quality, model_store, dest, context, progress, attr)
+            source_tag, model = model.tag, ModelStore(dest).get(optimized[key])
+            model.verify()
+            copied.add(model.tag)  # saved straight into the bento's store
         size = sum(f.size for f in model.info.files)
         if model.tag not in copied:
             shutil.copytree(model.path, dest / model.name / model.version)
             copied.add(model.tag)
-            progress(f"model {model.tag} ({model.info.framework}, {size / 1e6:.1f} MB) for {attr}")
+        progress(f"model {model.tag} ({model.info.framework}, {size / 1e6:.1f} MB) for {attr}")
         requires = tuple(
             f"{lib}=={model.info.library_versions[lib]}" if lib in model.info.library_versions else lib
             for lib in FRAMEWORK_REQUIREMENTS.get(model.info.framework, ())
         )
         entries.append(
-            ModelEntry(attr=attr, tag=model.tag, framework=model.info.framework, digest=model.info.digest, size=size, requires=requires)
+            ModelEntry(attr=attr, tag=model.tag, framework=model.info.framework, digest=model.info.digest, size=size,
+                       requires=requires, source=source_tag)
         )
     return entries
+
+
+def _optimization(ref: Any, name: str, version: str, cfg: BuildConfig) -> tuple[list[Any], Any]:
+    """The passes and gate for one reference: a `models:` entry of the build config naming this model (by
+    name, name:latest or name:version) overrides what the service declared."""
+    from ..models import parse_tag
+
+    passes, quality = list(ref.options.get("optimize") or []), ref.options.get("quality")
+    for entry in cfg.models:
+        entry_name, entry_version = parse_tag(entry.tag)
+        if entry_name == name and entry_version in (None, "latest", version):
+            passes, quality = list(entry.optimize), entry.quality
+    return passes, quality
+
+
+def _optimize(tag: str, passes: list[Any], quality: Any, model_store: ModelStore, dest: Path, context: Path,
+              progress: Callable[[str], None], attr: str) -> str:
+    """Optimize `tag` into the bento's own store (the user's store keeps only the pass cache's entries)."""
+    from .optimize import OptimizeError, optimize_model
+
+    try:
+        result = optimize_model(tag, passes, quality, store=model_store, save_to=ModelStore(dest), base_dir=context,
+                                log=progress)
+    except OptimizeError as exc:
+        raise BentoError(f"model {tag} (for {attr}): {exc}") from exc
+    finally:
+        shutil.rmtree(dest / STAGING_DIR, ignore_errors=True)  # the save's scratch space is not part of the bento
+    progress(result.table())
+    return str(result.tag)
 
 
 def _requirements(context: Path, cfg: BuildConfig, models: list[ModelEntry]) -> list[str]:

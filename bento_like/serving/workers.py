@@ -30,6 +30,7 @@ from .app import ServeOptions, create_app
 
 log = logging.getLogger("bento_like.serving")
 
+_BENTO_ENV = "BENTO_LIKE_BENTO"
 _ENV = "BENTO_LIKE_SERVE"
 
 
@@ -50,7 +51,7 @@ def serve(
     options = options or ServeOptions()
     _configure_logging(log_level)
     target, working_dir = _resolve_bento(target, working_dir)
-    spec = load_service(target, working_dir)
+    spec = _load(target, working_dir)
     app = create_app(spec, options)  # fails fast, in the parent, on an API that cannot be served
     workers = workers or spec.workers
     server_args: dict[str, Any] = dict(
@@ -87,7 +88,23 @@ def _resolve_bento(target: str, working_dir: str) -> tuple[str, str]:
             return target, working_dir  # module or module:Class
     log.info("serving bento %s from %s", bento.tag, bento.path)
     os.environ["BENTO_LIKE_MODEL_STORE"] = str(bento.path / "models")
+    os.environ[_BENTO_ENV] = str(bento.path)
     return bento.info.service, str(bento.path / "src")
+
+
+def _load(target: str, working_dir: str) -> ServiceSpec:
+    """load_service, and when serving a bento, each model reference bound to the exact model the build put in
+    it for that attribute (an optimized version where the build optimized it), whatever tag the code names."""
+    spec = load_service(target, working_dir)
+    bento_dir = os.environ.get(_BENTO_ENV)
+    if bento_dir:
+        from ..bentos import BentoStore
+
+        packaged = {entry.attr: entry.tag for entry in BentoStore().get(bento_dir).info.models}
+        for attr, ref in spec.model_refs().items():
+            if attr in packaged:
+                ref.tag = packaged[attr]
+    return spec
 
 
 def _serve_with_reload(
@@ -112,7 +129,7 @@ def app_from_env():  # type: ignore[no-untyped-def]
     """Factory the reloaded process calls to build its app."""
     settings = json.loads(os.environ[_ENV])
     _configure_logging(os.environ.get("BENTO_LIKE_LOG_LEVEL", "info"))
-    return create_app(load_service(settings["target"], settings["working_dir"]), ServeOptions(**settings["options"]))
+    return create_app(_load(settings["target"], settings["working_dir"]), ServeOptions(**settings["options"]))
 
 
 class Supervisor:
@@ -230,7 +247,7 @@ def _worker_main(index: int, sock: socket.socket, status: Any, settings: dict[st
         os.environ["CUDA_VISIBLE_DEVICES"] = settings["cuda_visible_devices"]
     _configure_logging(settings["server_args"]["log_level"])
     options = ServeOptions(**settings["options"])
-    spec = load_service(settings["target"], settings["working_dir"])
+    spec = _load(settings["target"], settings["working_dir"])
     app = create_app(spec, options, worker_status=(status, index))
     _server(uvicorn.Config(app, **settings["server_args"])).run(sockets=[sock])
 
