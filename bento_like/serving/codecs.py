@@ -175,16 +175,48 @@ def _check_array(p: Param, arr: Any) -> Any:
     if arr is None:
         return arr
     if spec.dtype is not None and arr.dtype != spec.dtype:
-        try:
-            arr = arr.astype(spec.dtype, casting="same_kind" if arr.dtype.kind == "f" else "unsafe")
-        except TypeError:
-            raise validation_error(f"Expected an array of {spec.dtype}, got {arr.dtype} - at `$.{p.name}`") from None
+        problem = _cast_problem(arr, np.dtype(spec.dtype))
+        if problem is not None:
+            raise validation_error(f"Expected an array of {spec.dtype}, {problem} - at `$.{p.name}`")
+        arr = arr.astype(spec.dtype)
     if spec.shape is not None:
         ok = arr.ndim == len(spec.shape) and all(d == -1 or d == s for d, s in zip(spec.shape, arr.shape))
         if not ok:
             want = "(" + ", ".join("*" if d == -1 else str(d) for d in spec.shape) + ")"
             raise validation_error(f"Expected an array of shape {want}, got shape {tuple(arr.shape)} - at `$.{p.name}`")
     return arr
+
+
+def _cast_problem(arr: Any, target: Any) -> str | None:
+    """Why `arr` cannot become `target` without changing a value (None: it can). Integers must fit the
+    target's range (uint8 never wraps 300 to 44), floats become integers only when they are whole numbers,
+    and booleans take only 0 and 1; float to float (float64 to float32) rounds, as a model expects."""
+    source = arr.dtype
+    if source.kind not in "biuf" or target.kind not in "biuf":
+        return None if np.can_cast(source, target, casting="same_kind") else f"got {source}"
+    if arr.size == 0:
+        return None
+    if target.kind == "f":
+        finite = arr[np.isfinite(arr)] if source.kind == "f" else arr
+        limit = np.finfo(target).max
+        if finite.size and (finite.max() > limit or finite.min() < -limit):
+            return f"got values beyond its largest finite value {float(limit):.6g}"
+        return None
+    if source.kind == "f":
+        if not np.all(np.isfinite(arr)) or np.any(arr != np.floor(arr)):
+            return f"got {source} values that are not whole numbers"
+    if target.kind == "b":
+        if source.kind != "b" and np.any((arr != 0) & (arr != 1)):
+            return "got values other than 0 and 1"
+        return None
+    if source.kind == "b":
+        return None
+    info = np.iinfo(target)
+    low, high = arr.min(), arr.max()
+    if low < info.min or high > info.max:
+        bad = low if low < info.min else high
+        return f"got {bad.item()!r} outside its range [{info.min}, {info.max}]"
+    return None
 
 
 def _kind(ann: Any, spec: ArraySpec | None) -> str:

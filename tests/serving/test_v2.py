@@ -230,6 +230,22 @@ def test_bad_requests(http: httpx.Client) -> None:
     assert r.status_code == 400 and "binary_data_output must be true or false" in r.json()["error"]
 
 
+@pytest.mark.parametrize(
+    ("values", "words"),
+    [
+        ([1, 2**40], "got 1099511627776 outside its range [-2147483648, 2147483647]"),
+        ([1.5, 2], "got float64 values that are not whole numbers"),
+    ],
+)
+def test_native_route_refuses_casts_that_change_values(http: httpx.Client, values: list, words: str) -> None:
+    r = http.post("/minmax", json={"x": values})
+    assert r.status_code == 422, r.text
+    assert words in r.text and "$.x" in r.text
+    ok = http.post("/minmax", json={"x": [3.0, -7]})  # whole floats and in-range ints are the same numbers
+    assert ok.status_code == 200, ok.text
+    assert ok.json() == [-7, 3, -2.0]  # MinMax(low, high, mean)
+
+
 def test_deadline_is_the_native_routes(http: httpx.Client) -> None:
     r = http.post("/v2/models/slow/infer", json={"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]},
                   headers={"X-Request-Timeout": "0.2"})
