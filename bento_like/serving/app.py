@@ -7,6 +7,7 @@ Instances are built in the background after the server starts listening, so ``/l
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 from contextlib import asynccontextmanager
@@ -74,6 +75,7 @@ class ServerState:
             self.failure = f"{type(exc).__name__}: {exc}"
             log.exception("building the instances of %s failed; the server will not become ready", self.spec.name)
             return
+        _freeze_heap()
         self.ready = True
         self._publish(1)
         log.info("service %s is ready", self.spec.name)
@@ -126,6 +128,15 @@ def openapi_document(spec: ServiceSpec) -> dict[str, Any]:
     """The OpenAPI document a server of this service publishes, without building any instance."""
     state = ServerState(spec, ServeOptions())
     return build_openapi(spec.name, __version__, [APIEndpoint(state, e.attr, e.config) for e in spec.apis])
+
+
+def _freeze_heap() -> None:
+    """Move everything alive after startup (the frameworks, the models, the service's objects: hundreds of
+    thousands of objects once torch is imported) out of the cyclic garbage collector's reach. Without it, each
+    full collection walks them all: about 100 ms during which no request is answered, a p99 spike every few
+    seconds under load. Objects made while serving are collected as usual."""
+    gc.collect()
+    gc.freeze()
 
 
 def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_status: Any = None) -> Starlette:

@@ -132,6 +132,9 @@ class Batcher:
         self.model = LatencyModel()
         self.rate = ArrivalRate()
         self.last_arrival = 0.0
+        self.last_done = -math.inf  # when a batch last finished (its answers are going out)
+        self.echo: float | None = None  # learned: seconds from a batch finishing to the next arrival
+        self._awaiting_echo = False
         self.queue: deque[Pending] = deque()
         self.queued_items = 0
         self.queued_requests = 0
@@ -204,6 +207,11 @@ class Batcher:
         self.admit(items, now)
         self.rate.add(items, now)
         self.last_arrival = now
+        if self._awaiting_echo:
+            self._awaiting_echo = False
+            delay = now - self.last_done
+            if delay < 0.1:
+                self.echo = delay if self.echo is None else self.echo + 0.2 * (delay - self.echo)
         if items <= self.max_batch:
             return await self._enqueue(value, items, now, deadline)
         # Bigger than a batch: cut into full batches and put the answers back together in order.
@@ -219,6 +227,11 @@ class Batcher:
     def admit(self, items: int, now: float) -> None:
         """Refuse (429) a request of ``items`` the queue cannot take now or cannot answer within the budget.
 
+        The promise is counted from when an instance is free: the batches queued ahead of the request plus its
+        own must fit in ``max_latency_ms``. The batch running when it arrives is not counted (refusing because
+        of it would turn away a burst that the next batch serves in time), so what a client sees is bounded by
+        max_latency_ms plus at most one batch's execution.
+
         The runtime calls it once before reading the body (with one item), so that refusing costs almost
         nothing under overload, and again with the real item count."""
         name = self.config.name
@@ -228,26 +241,34 @@ class Batcher:
             )
         if not self.queued_items and self.busy < len(self.pool.instances):
             return  # an instance is free for it now
-        predicted = self.predicted_completion(items)
+        predicted = self.predicted_wait(items)
         if predicted > self.budget and predicted > self.model.predict(min(items, self.max_batch)) and self.model.sizes:
             raise too_many_requests(
                 f"API {name!r} would answer in about {predicted * 1000:.0f} ms behind the queued requests, over its "
                 f"max_latency_ms of {self.config.max_latency_ms:g}",
-                predicted - self.budget,
+                predicted - self.budget + self._running_left(),
                 "latency",
             )
 
-    def predicted_completion(self, items: int) -> float:
-        """Seconds until a request of ``items`` arriving now would be answered, behind what is queued."""
+    def predicted_wait(self, items: int) -> float:
+        """Seconds from the moment an instance is free until a request of ``items`` arriving now is answered,
+        behind what is queued (the batches running now are not counted)."""
         instances = max(1, len(self.pool.instances))
         total = self.queued_items + items
         cap = self.batch_cap()
         full = self.model.predict(cap)
         rounds = math.ceil(math.ceil(total / cap) / instances)
-        running = 0.0
-        if self.busy >= instances and self._finishing:
-            running = max(0.0, min(self._finishing.values()) - asyncio.get_running_loop().time())
-        return running + (rounds - 1) * full + self.model.predict(min(total, cap))
+        return (rounds - 1) * full + self.model.predict(min(total, cap))
+
+    def predicted_completion(self, items: int) -> float:
+        """Seconds until a request of ``items`` arriving now would be answered: the running batch, then the
+        queue ahead of it, then its own batch."""
+        return self._running_left() + self.predicted_wait(items)
+
+    def _running_left(self) -> float:
+        if self.busy >= max(1, len(self.pool.instances)) and self._finishing:
+            return max(0.0, min(self._finishing.values()) - asyncio.get_running_loop().time())
+        return 0.0
 
     async def _enqueue(self, value: Any, items: int, now: float, deadline: float) -> Any:
         pending = Pending(value, items, asyncio.get_running_loop().create_future(), now, deadline)
@@ -327,9 +348,13 @@ class Batcher:
     def wait_time(self, available: int, waited: float, now: float) -> float:
         """Seconds worth waiting for more items before flushing ``available`` (0: flush now).
 
-        Under heavy traffic, keep the batch open while items keep streaming in (the gap since the last
-        arrival is under two mean inter-arrival gaps), but never past the point where the oldest request's
-        wait plus the batch's predicted execution would exceed the budget."""
+        ``waited`` is how long the oldest queued request has waited for an instance (counted from when it
+        arrived, or from when the last batch finished if it arrived while that batch ran: the admission
+        promise starts there too). Under heavy traffic, keep the batch open while items keep streaming in
+        (the gap since the last arrival is under two mean inter-arrival gaps) and, right after a batch
+        finished, for the answers just sent to come back as new requests (closed-loop clients: twice the
+        learned delay between a batch finishing and the next arrival), but never past the point where the
+        oldest request's wait plus the batch's predicted execution would exceed the budget."""
         target = self.batch_cap()
         if self.preferred:
             fitting = [p for p in self.preferred if p <= target]
@@ -342,7 +367,10 @@ class Batcher:
             return 0.0
         slack = self.budget - waited - self.model.predict(target)
         gap = min(max(2.0 / rate, 0.0002), run_now)
-        return max(0.0, min(slack, self.last_arrival + gap - now))
+        until = self.last_arrival + gap
+        if self._awaiting_echo and self.echo is not None:
+            until = max(until, self.last_done + min(2.0 * self.echo, run_now))
+        return max(0.0, min(slack, until - now))
 
     async def _form_batch(self) -> list[Pending]:
         loop = asyncio.get_running_loop()
@@ -351,7 +379,7 @@ class Batcher:
             if head is None:
                 return []
             now = loop.time()
-            wait = self.wait_time(self.queued_items, now - head.arrival, now)
+            wait = self.wait_time(self.queued_items, now - max(head.arrival, self.last_done), now)
             if wait <= 0.0001:
                 break
             self._arrived.clear()
@@ -388,6 +416,8 @@ class Batcher:
         finally:
             del self._finishing[key]
             self.busy -= 1
+            self.last_done = asyncio.get_running_loop().time()
+            self._awaiting_echo = True
             self.pool.release(instance)
             self._arrived.set()
 

@@ -175,10 +175,19 @@ def _check_array(p: Param, arr: Any) -> Any:
     if arr is None:
         return arr
     if spec.dtype is not None and arr.dtype != spec.dtype:
-        problem = _cast_problem(arr, np.dtype(spec.dtype))
-        if problem is not None:
-            raise validation_error(f"Expected an array of {spec.dtype}, {problem} - at `$.{p.name}`")
-        arr = arr.astype(spec.dtype)
+        target = np.dtype(spec.dtype)
+        problem = _cast_problem(arr, target)
+        if problem is None:
+            with np.errstate(over="raise", invalid="raise"):
+                try:
+                    return _check_shape(p, spec, arr.astype(target))
+                except FloatingPointError:  # a float too large for a narrower float type
+                    problem = f"got values beyond its largest finite value {float(np.finfo(target).max):.6g}"
+        raise validation_error(f"Expected an array of {spec.dtype}, {problem} - at `$.{p.name}`")
+    return _check_shape(p, spec, arr)
+
+
+def _check_shape(p: Param, spec: ArraySpec, arr: Any) -> Any:
     if spec.shape is not None:
         ok = arr.ndim == len(spec.shape) and all(d == -1 or d == s for d, s in zip(spec.shape, arr.shape))
         if not ok:
@@ -194,14 +203,8 @@ def _cast_problem(arr: Any, target: Any) -> str | None:
     source = arr.dtype
     if source.kind not in "biuf" or target.kind not in "biuf":
         return None if np.can_cast(source, target, casting="same_kind") else f"got {source}"
-    if arr.size == 0:
-        return None
-    if target.kind == "f":
-        finite = arr[np.isfinite(arr)] if source.kind == "f" else arr
-        limit = np.finfo(target).max
-        if finite.size and (finite.max() > limit or finite.min() < -limit):
-            return f"got values beyond its largest finite value {float(limit):.6g}"
-        return None
+    if target.kind == "f" or arr.size == 0:
+        return None  # a float that does not fit a narrower float raises FloatingPointError in the cast
     if source.kind == "f":
         if not np.all(np.isfinite(arr)) or np.any(arr != np.floor(arr)):
             return f"got {source} values that are not whole numbers"

@@ -246,6 +246,13 @@ def test_native_route_refuses_casts_that_change_values(http: httpx.Client, value
     assert ok.json() == [-7, 3, -2.0]  # MinMax(low, high, mean)
 
 
+def test_native_route_refuses_floats_beyond_float32(http: httpx.Client) -> None:
+    r = http.post("/scale", json={"x": [[1e300, 1, 2]], "k": [1.0]})
+    assert r.status_code == 422, r.text
+    assert "Expected an array of float32, got values beyond its largest finite value 3.40282e+38" in r.text
+    assert r.json()["field"] == "$.x"
+
+
 def test_deadline_is_the_native_routes(http: httpx.Client) -> None:
     r = http.post("/v2/models/slow/infer", json={"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]},
                   headers={"X-Request-Timeout": "0.2"})
