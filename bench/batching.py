@@ -9,7 +9,8 @@
 
 Prints items/s, p50/p99 and non-200 counts, the ratio to the ceiling, and the targets: at 64 clients at least
 0.7 of the ceiling with p99 within max_latency_ms + one batch-64 execution and no rejections; at 1 client a
-p50 within a direct call + 1 ms.
+p50 within a direct call + 1 ms. Shared machines drift by 10-20% within a minute, so each target is judged
+against the ceiling and direct call measured again right before and after the run it judges (averaged).
 
     python bench/batching.py [--duration 10] [--threads 1] [--max-latency-ms 60]
 """
@@ -17,6 +18,8 @@ p50 within a direct call + 1 ms.
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import os
 import re
@@ -74,19 +77,17 @@ def ceiling(threads: int, seconds: float) -> dict[str, float]:
 
 
 def hey(url: str, body_file: str, connections: int, duration: float) -> dict[str, float]:
+    """Run hey; latencies come from its CSV (microsecond resolution; its summary rounds to 0.1 ms)."""
     out = subprocess.run(
-        ["hey", "-z", f"{duration}s", "-c", str(connections), "-m", "POST", "-T", "application/json", "-D", body_file, url],
+        ["hey", "-z", f"{duration}s", "-c", str(connections), "-m", "POST", "-T", "application/json", "-D", body_file,
+         "-o", "csv", url],
         capture_output=True, text=True, check=True,
     ).stdout
-    codes = {int(c): int(n) for c, n in re.findall(r"\[(\d+)\]\s+(\d+) responses", out)}
-    total = sum(codes.values())
-    took = float(re.search(r"Total:\s+([\d.]+) secs", out).group(1))
-    return {
-        "items_per_s": codes.get(200, 0) / took,
-        "p50": float(re.search(r"50%+ in ([\d.]+) secs", out).group(1)) * 1000,
-        "p99": float(re.search(r"99%+ in ([\d.]+) secs", out).group(1)) * 1000,
-        "non200": total - codes.get(200, 0),
-    }
+    rows = list(csv.DictReader(io.StringIO(out)))
+    ok = sorted(float(r["response-time"]) for r in rows if r["status-code"] == "200")
+    took = max((float(r["offset"]) + float(r["response-time"]) for r in rows), default=duration)
+    quantile = (lambda q: ok[min(len(ok) - 1, int(q * len(ok)))] * 1000) if ok else (lambda q: float("nan"))
+    return {"items_per_s": len(ok) / took, "p50": quantile(0.50), "p99": quantile(0.99), "non200": len(rows) - len(ok)}
 
 
 def start_mlp_server(threads: int, max_latency_ms: float) -> tuple[subprocess.Popen, str, str]:
@@ -124,10 +125,17 @@ def main() -> None:
     ceil = ceiling(args.threads, min(args.duration, 8.0))
     server, url, body = start_mlp_server(args.threads, args.max_latency_ms)
     rows = []
+    around: dict[int, dict[str, float]] = {}
     try:
         for c in [int(c) for c in args.connections.split(",")]:
             hey(url + "/predict", body, c, 2.0)  # warm-up at this concurrency
+            # The baselines again, right before and after the run they judge: a shared machine drifts.
+            if c in (1, 64):
+                before = ceiling(args.threads, 3.0)
             rows.append((c, hey(url + "/predict", body, c, args.duration)))
+            if c in (1, 64):
+                after = ceiling(args.threads, 3.0)
+                around[c] = {k: (before[k] + after[k]) / 2 for k in before}
         metrics = httpx.get(url + "/metrics").text
     finally:
         server.send_signal(signal.SIGTERM)
@@ -144,12 +152,15 @@ def main() -> None:
         print(f"mean batch size over the run: {float(items.group(1)) / int(batches.group(1)):.1f}")
     by_c = dict(rows)
     if 64 in by_c:
-        r = by_c[64]
-        bound = args.max_latency_ms + ceil["batch64_ms"]
-        print(f"target 64 clients: >= 0.70 of ceiling -> {r['items_per_s'] / ceil['items_per_s']:.2f}; "
-              f"p99 <= {bound:.1f} ms -> {r['p99']:.1f}; rejections 0 -> {r['non200']}")
+        r, near = by_c[64], around[64]
+        bound = args.max_latency_ms + near["batch64_ms"]
+        print(f"target 64 clients: >= 0.70 of the ceiling measured around the run ({near['items_per_s']:.0f} items/s) "
+              f"-> {r['items_per_s'] / near['items_per_s']:.2f}; p99 <= {bound:.1f} ms -> {r['p99']:.1f}; "
+              f"rejections 0 -> {r['non200']}")
     if 1 in by_c:
-        print(f"target 1 client: p50 <= {ceil['batch1_ms'] + 1:.2f} ms -> {by_c[1]['p50']:.2f}")
+        direct = around[1]["batch1_ms"]
+        print(f"target 1 client: p50 <= direct batch-1 call measured around the run ({direct:.2f} ms) + 1 ms = "
+              f"{direct + 1:.2f} ms -> {by_c[1]['p50']:.2f}")
 
 
 if __name__ == "__main__":
