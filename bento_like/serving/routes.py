@@ -7,6 +7,7 @@ limit, decode and validate, run on an instance under the deadline, encode. Every
 from __future__ import annotations
 
 import asyncio
+import os
 import inspect
 import logging
 import time
@@ -34,6 +35,7 @@ from .errors import HTTPError, too_many_requests, unavailable
 log = logging.getLogger("bento_like.serving")
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[int]]
+_INLINE_AFTER = 32  # fast calls seen on threads before a sync API's lone requests may run inline
 
 class APIEndpoint:
     """ASGI app for ``POST <route>`` of one API."""
@@ -51,6 +53,11 @@ class APIEndpoint:
         self.name = config.name
         self.batcher: Any = None  # set by the app for batchable APIs
         self.in_flight = 0
+        # A sync API whose calls have all taken well under a millisecond runs a lone request on the loop's
+        # thread: the hand-off to an instance thread and back (two cross-CPU wake-ups) costs more than the call.
+        # One call slower than that (on a thread or inline) turns this off for good for the API.
+        self.inline_max = min(float(os.environ.get("BENTO_LIKE_INLINE_MS", "10")), 1.0) / 1000.0
+        self.fast_calls = 0  # calls observed, all within inline_max; -1 once one was not
         self._labels = (config.name,)
         self._status_labels: dict[int, tuple[str, str]] = {}
 
@@ -169,15 +176,33 @@ class APIEndpoint:
         state = self.state
         instance = state.pool.pick()
         method = getattr(instance.obj, self.attr)
+        if self.is_async:
+            call = method(**kwargs)
+        elif instance.in_flight == 0 and self.fast_calls >= _INLINE_AFTER:
+            started = time.perf_counter()
+            instance.in_flight += 1
+            try:
+                return method(**kwargs)
+            finally:
+                instance.in_flight -= 1
+                self._observe_call(time.perf_counter() - started)
+        else:
+            call = instance.runner.submit(method, **kwargs)
+        started = time.perf_counter()
         instance.in_flight += 1
         try:
-            call = method(**kwargs) if self.is_async else instance.runner.submit(method, **kwargs)
             result = await state.watchdog.run(call, timeout)
         except TimeoutError:
             raise _timed_out(self.name, timeout) from None
         finally:
             instance.in_flight -= 1
+        if not self.is_async:
+            self._observe_call(time.perf_counter() - started)
         return result
+
+    def _observe_call(self, seconds: float) -> None:
+        if self.fast_calls >= 0:
+            self.fast_calls = self.fast_calls + 1 if seconds <= self.inline_max else -1
 
     async def _batched(self, receive: Receive | None, kwargs: dict[str, Any], timeout: float) -> Any:
         """Queue the input in the API's batcher; stop waiting if the client goes away."""

@@ -1,0 +1,26 @@
+"""Which thread runs a sync API: the event loop's (inline) or an instance thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Annotated
+
+import numpy as np
+
+import bento_like as bl
+
+
+@bl.service(name="threads")
+class Threads:
+    @bl.api
+    def where(self, sleep_ms: float = 0.0) -> str:
+        if sleep_ms:
+            time.sleep(sleep_ms / 1000)
+        return threading.current_thread().name
+
+    @bl.api(batchable=True, max_batch_size=8, max_latency_ms=200)
+    def where_batched(self, x: Annotated[np.ndarray, bl.Shape(-1, 1), bl.DType("float32")]) -> list:
+        if float(x.max()) > 0:
+            time.sleep(float(x.max()) / 1000)
+        return [threading.current_thread().name] * len(x)
