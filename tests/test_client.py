@@ -109,11 +109,12 @@ def _requests_to(client: Client, api: str) -> float:
 
 def test_quickstart_predict_returns_an_ndarray_and_tag_round_trips(start_server) -> None:
     srv = start_server("examples/quickstart/service.py:Demo")
-    x = np.random.default_rng(0).random((3, 4), dtype=np.float32)
+    x = np.array([[5.1, 3.5, 1.4, 0.2], [5.9, 3.0, 4.2, 1.5], [6.7, 3.0, 5.2, 2.3]], dtype=np.float32)
     with bento_like.Client(srv.url) as client:
         result = client.predict(x=x)
-        assert isinstance(result, np.ndarray) and result.shape == (3, 2)
-        np.testing.assert_allclose(result, x @ np.ones((4, 2), dtype=np.float32), rtol=1e-6)
+        assert isinstance(result, np.ndarray) and result.shape == (3, 3)
+        np.testing.assert_allclose(result.sum(axis=1), 1.0, rtol=1e-5)  # probabilities of the three species
+        assert list(result.argmax(axis=1)) == [0, 1, 2]  # setosa, versicolor, virginica
         np.testing.assert_allclose(client.predict(x), result)  # positional, by the order of the inputs
         assert client.tag(item=Item("bonjour", lang="fr")) == {"text": "bonjour", "lang": "fr"}
         assert client.tag({"text": "hi"}) == {"text": "hi", "lang": "en"}

@@ -22,6 +22,7 @@ import httpx
 
 HERE = Path(__file__).resolve().parent
 HOST = "127.0.0.1"
+SPECIES = ("setosa", "versicolor", "virginica")  # the order of Demo.predict's columns
 
 
 def free_port() -> int:
@@ -66,7 +67,7 @@ def predict(http: httpx.Client, x: list[list[float]]) -> list[list[float]]:
 def main() -> int:
     port = free_port()
     command = [sys.executable, "-m", "bento_like", "serve", "service.py:Demo", "--host", HOST, "--port", str(port)]
-    x = [[1.0, 2.0, 3.0, 4.0], [0.5, 0.5, 0.5, 0.5]]
+    x = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]  # the first and the last flower of iris.csv
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "server.log"
         print(f"$ pkg serve service.py:Demo --host {HOST} --port {port}        (in {HERE})")
@@ -78,9 +79,11 @@ def main() -> int:
             try:
                 wait_ready(http, server)
                 prediction = predict(http, x)
-                print(f"prediction: {prediction}")
-                if prediction != [[10.0, 10.0], [2.0, 2.0]]:
-                    failure = "unexpected prediction: Demo.predict multiplies by ones((4, 2)), so each row sums"
+                print(f"prediction: {[[round(p, 3) for p in row] for row in prediction]}")
+                species = [SPECIES[row.index(max(row))] for row in prediction]
+                print(f"species: {', '.join(species)}")
+                if species != ["setosa", "virginica"]:
+                    failure = f"the model misclassified two textbook flowers: {species}"
             except (RuntimeError, httpx.HTTPError) as exc:
                 failure = str(exc)
             finally:
