@@ -255,8 +255,7 @@ class Batcher:
             )
         if not self.queued_items and self.busy < len(self.pool.instances):
             return  # an instance is free for it now
-        # The loop's own lag is paid twice more outside the queue: before the request is read, after it ran.
-        predicted = self.predicted_wait(items) + 2.0 * self.state.watchdog.lag
+        predicted = self.predicted_wait(items)
         if predicted > self.budget and predicted > self.model.predict(min(items, self.max_batch)) and self.model.sizes:
             raise too_many_requests(
                 f"API {name!r} would answer in about {predicted * 1000:.0f} ms behind the queued requests, over its "
