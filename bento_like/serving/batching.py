@@ -38,6 +38,10 @@ from .instances import Instance, InstancePool
 log = logging.getLogger("bento_like.serving")
 
 
+LAG_SHARE = 0.25
+"""At most this share of max_latency_ms is set aside for the event loop's lag at admission."""
+
+
 class LatencyModel:
     """Execution seconds by batch size: an EWMA per observed size, interpolated linearly between sizes."""
 
@@ -255,7 +259,9 @@ class Batcher:
             )
         if not self.queued_items and self.busy < len(self.pool.instances):
             return  # an instance is free for it now
-        predicted = self.predicted_wait(items)
+        # The loop's own lag is paid twice more outside the queue: before the request is read, after it ran.
+        # Capped: refusals themselves raise the lag, and an uncapped term refuses ever more (goodput collapses).
+        predicted = self.predicted_wait(items) + min(2.0 * self.state.watchdog.lag, LAG_SHARE * self.budget)
         if predicted > self.budget and predicted > self.model.predict(min(items, self.max_batch)) and self.model.sizes:
             raise too_many_requests(
                 f"API {name!r} would answer in about {predicted * 1000:.0f} ms behind the queued requests, over its "

@@ -17,6 +17,9 @@ class Watchdog:
         self._deadlines: dict[asyncio.Task[Any], float] = {}
         self._expired: set[asyncio.Task[Any]] = set()
         self._runner: asyncio.Task[None] | None = None
+        self.lag = 0.0
+        """How late the loop runs a timer (an EWMA, seconds): what a request also waits, once to be read and
+        once to be answered, when the loop is busy."""
 
     def start(self) -> None:
         self._runner = asyncio.get_running_loop().create_task(self._run())
@@ -51,7 +54,10 @@ class Watchdog:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            expected = loop.time() + self.interval
             await asyncio.sleep(self.interval)
+            late = max(0.0, loop.time() - expected)
+            self.lag += 0.3 * (late - self.lag)
             if not self._deadlines:
                 continue
             now = loop.time()
