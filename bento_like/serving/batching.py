@@ -23,7 +23,6 @@ import asyncio
 import bisect
 import logging
 import math
-import os
 import time
 import uuid
 from collections import deque
@@ -134,7 +133,6 @@ class Batcher:
         self.out_dim = config.output_batch_dim
         self.preferred = config.preferred_batch_sizes
         self.max_queue = max_queue
-        self.inline_max = float(os.environ.get("BENTO_LIKE_INLINE_MS", "10")) / 1000.0
         self.model = LatencyModel()
         self.rate = ArrivalRate()
         self.last_arrival = 0.0
@@ -188,18 +186,6 @@ class Batcher:
     def _call(self, instance: Instance, inputs: Any) -> Any:
         method = getattr(instance.obj, self.attr)
         return method(inputs) if self.is_async else instance.runner.submit(method, inputs)
-
-    def _inline(self, items: int) -> bool:
-        """Whether a sync batch of ``items`` runs on the event loop's thread instead of the instance's.
-
-        Only a lone batch under light traffic with a short predicted execution (BENTO_LIKE_INLINE_MS, default
-        10 ms): handing it to the instance's thread and back costs two cross-CPU wake-ups (about 0.4 ms on a
-        small VM, a tenth of a 4 ms model), while the loop, idle anyway, is held for at most that long."""
-        if self.is_async or self.inline_max <= 0 or self.queued_items or self.busy > 1 or not self.model.sizes:
-            return False
-        predicted = self.model.predict(items)
-        now = asyncio.get_running_loop().time()
-        return predicted <= self.inline_max and self.rate.get(now) * predicted < 1.0
 
     # -- requests ---------------------------------------------------------------------------------------
 
@@ -451,10 +437,7 @@ class Batcher:
         started = time.perf_counter()
         try:
             inputs = live[0].value if len(live) == 1 else self._concat([p.value for p in live], self.in_dim)
-            if self._inline(total):
-                result = getattr(instance.obj, self.attr)(inputs)
-            else:
-                result = await self._call(instance, inputs)
+            result = await self._call(instance, inputs)
             parts = self._split(result, sizes)
         except Exception as exc:
             if len(live) == 1:
