@@ -10,6 +10,7 @@ import asyncio
 import gc
 import logging
 import os
+from pathlib import Path
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
@@ -28,7 +29,7 @@ from .errors import HTTPError
 from .batching import Batcher
 from .deadlines import Watchdog
 from .instances import InstancePool
-from .metrics import Registry
+from .metrics import Registry, published, publish
 from .v2 import v2_routes
 from .openapi import SWAGGER_HTML, build_openapi
 from .routes import APIEndpoint
@@ -130,6 +131,11 @@ def openapi_document(spec: ServiceSpec) -> dict[str, Any]:
     return build_openapi(spec.name, __version__, [APIEndpoint(state, e.attr, e.config) for e in spec.apis])
 
 
+METRICS_DIR_ENV = "BENTO_LIKE_METRICS_DIR"
+"""Set by the supervisor of --workers N: where each worker publishes its metrics for the others to serve."""
+METRICS_PUBLISH_S = 1.0
+
+
 def _freeze_heap() -> None:
     """Move everything alive after startup (the frameworks, the models, the service's objects: hundreds of
     thousands of objects once torch is imported) out of the cyclic garbage collector's reach. Without it, each
@@ -182,8 +188,20 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_st
             headers={"Retry-After": "1"},
         )
 
+    metrics_dir = os.environ.get(METRICS_DIR_ENV) if options.worker_id is not None else None
+
     async def metrics(request: Request) -> Response:
-        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+        others = published(Path(metrics_dir), options.worker_id) if metrics_dir else ()
+        return PlainTextResponse(state.metrics.render(others), media_type="text/plain; version=0.0.4")
+
+    async def publish_forever() -> None:
+        assert metrics_dir is not None and options.worker_id is not None
+        while True:
+            try:
+                publish(state.metrics, Path(metrics_dir), options.worker_id)
+            except OSError as exc:  # the directory went away (the supervisor is exiting)
+                log.debug("could not publish metrics: %s", exc)
+            await asyncio.sleep(METRICS_PUBLISH_S)
 
     async def openapi_json(request: Request) -> Response:
         return Response(openapi, media_type="application/json")
@@ -210,7 +228,10 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_st
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state.watchdog.start()
         starting = asyncio.create_task(state.start())
+        publisher = asyncio.create_task(publish_forever()) if metrics_dir else None
         yield
+        if publisher is not None:
+            publisher.cancel()
         if not starting.done():
             starting.cancel()
         state.ready = False

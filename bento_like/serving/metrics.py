@@ -1,13 +1,17 @@
 """Prometheus metrics kept in plain dicts: cheap enough to update on every request.
 
-Each worker process keeps its own values; with ``--workers N`` every sample carries a ``worker`` label so a
-scraper that reaches any worker can tell them apart.
+Each worker process keeps its own values; with ``--workers N`` every sample carries a ``worker`` label, and
+each worker publishes its samples to a directory the supervisor made (``BENTO_LIKE_METRICS_DIR``) about once a
+second, so whichever worker a scrape reaches answers for all of them (the others' samples at most a second old).
 """
 
 from __future__ import annotations
 
 import bisect
+import json
 import math
+import os
+from pathlib import Path
 from typing import Callable, Iterable
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -130,10 +134,42 @@ class Registry:
         self.metrics.append(metric)
         return metric
 
-    def render(self) -> str:
-        lines: list[str] = []
+    def families(self) -> dict[str, list[str]]:
+        """Metric name -> its sample lines, now."""
+        return {m.name: list(m.samples(self.const)) for m in self.metrics}
+
+    def render(self, others: Iterable[dict[str, list[str]]] = ()) -> str:
+        """The Prometheus text of this process, with other workers' samples (from ``others``) grouped in."""
+        own = self.families()
+        merged = {name: list(lines) for name, lines in own.items()}
+        for family in others:
+            for name, lines in family.items():
+                if name in merged:
+                    merged[name].extend(lines)
+        out: list[str] = []
         for m in self.metrics:
-            lines.append(f"# HELP {m.name} {m.help}")
-            lines.append(f"# TYPE {m.name} {m.kind}")
-            lines.extend(m.samples(self.const))
-        return "\n".join(lines) + "\n"
+            out.append(f"# HELP {m.name} {m.help}")
+            out.append(f"# TYPE {m.name} {m.kind}")
+            out.extend(merged[m.name])
+        return "\n".join(out) + "\n"
+
+
+def publish(registry: Registry, directory: Path, worker: str) -> None:
+    """Write this worker's samples where the other workers read them (atomically: write, then rename)."""
+    target = directory / f"worker-{worker}.json"
+    scratch = directory / f".worker-{worker}.{os.getpid()}.tmp"
+    scratch.write_text(json.dumps(registry.families()))
+    os.replace(scratch, target)
+
+
+def published(directory: Path, worker: str) -> list[dict[str, list[str]]]:
+    """The samples the other workers published last (a worker that never published is absent)."""
+    found = []
+    for path in sorted(directory.glob("worker-*.json")):
+        if path.name == f"worker-{worker}.json":
+            continue
+        try:
+            found.append(json.loads(path.read_text()))
+        except (OSError, ValueError):  # replaced or removed while reading: skip it this time
+            continue
+    return found

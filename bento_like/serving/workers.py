@@ -16,8 +16,10 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 from dataclasses import asdict
@@ -26,7 +28,7 @@ from typing import Any
 
 from ..sdk.loader import load_service
 from ..sdk.service import ServiceSpec
-from .app import ServeOptions, create_app
+from .app import METRICS_DIR_ENV, ServeOptions, create_app
 
 log = logging.getLogger("bento_like.serving")
 
@@ -166,6 +168,8 @@ class Supervisor:
     def run(self) -> None:
         log.info("supervisor %d: %d workers on %s", os.getpid(), self.workers, self.sock.getsockname())
         previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        metrics_dir = tempfile.mkdtemp(prefix=f"bento_like-metrics-{os.getpid()}-")
+        os.environ[METRICS_DIR_ENV] = metrics_dir  # inherited by every worker (spawned after this)
         try:
             for i in range(self.workers):
                 self._start(i)
@@ -177,6 +181,8 @@ class Supervisor:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.sock.close()
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            os.environ.pop(METRICS_DIR_ENV, None)
 
     def _stop(self, signum: int, frame: Any) -> None:
         self.stopping = True

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import re
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -83,6 +85,32 @@ def test_workers_share_the_port(start_server) -> None:
                 pids.add(r.json())
     assert len(pids) == 2
     assert server.stop() == 0
+
+
+def test_any_worker_answers_metrics_for_all_workers(start_server) -> None:
+    server = start_server("limits.py:Limited", cwd=SERVICES, args=["--workers", "2"])
+    shared = list(Path(tempfile.gettempdir()).glob(f"bento_like-metrics-{server.proc.pid}-*"))
+    assert len(shared) == 1 and shared[0].is_dir()
+    assert len(_worker_pids(server.url, 2)) == 2  # both workers served some of the /pid calls
+    sent = 0
+    for _ in range(30):  # a new connection each time: spread over both workers
+        with httpx.Client(base_url=server.url) as client:
+            assert client.post("/pid", json={}).status_code == 200
+        sent += 1
+    time.sleep(1.5)  # each worker publishes its samples about once a second
+    pattern = re.compile(r'^bento_like_requests_total\{api="pid",status="200",worker="(\d)"\} (\d+)$', re.M)
+    totals = []
+    for _ in range(6):  # whichever worker answers, the scrape holds both, with the same totals
+        with httpx.Client(base_url=server.url) as client:
+            text = client.get("/metrics").text
+        found = {worker: int(count) for worker, count in pattern.findall(text)}
+        assert set(found) == {"0", "1"}, text
+        assert text.count("# TYPE bento_like_requests_total counter") == 1
+        totals.append(sum(found.values()))
+    assert min(totals) >= sent  # plus the /pid calls that found the workers
+    assert sorted(p.name for p in shared[0].iterdir()) == ["worker-0.json", "worker-1.json"]
+    assert server.stop() == 0
+    assert not shared[0].exists(), "the supervisor removes the workers' metrics directory when it exits"
 
 
 def _worker_pids(url: str, want: int, timeout: float = 30) -> set[int]:
