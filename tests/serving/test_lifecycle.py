@@ -171,7 +171,12 @@ def test_no_request_hangs_when_a_worker_dies_under_load(start_server) -> None:
         outcomes = [f.result(timeout=20) for f in futures]
     assert time.monotonic() - started < 15
     assert all(o in ("200", "429", "RemoteProtocolError", "ReadError", "ConnectError") for o in outcomes), outcomes
-    assert "200" in outcomes
+    # The kernel may have handed all 8 connections to the victim; either way the service keeps answering.
+    deadline = time.monotonic() + 15
+    while "200" not in outcomes and time.monotonic() < deadline:
+        outcomes.append(call())
+        time.sleep(0.05)
+    assert "200" in outcomes, outcomes
 
 
 def test_reload_restarts_on_source_change(start_server, tmp_path: Path) -> None:
