@@ -56,7 +56,7 @@ class APIEndpoint:
         # A sync API whose calls have all taken well under a millisecond runs a lone request on the loop's
         # thread: the hand-off to an instance thread and back (two cross-CPU wake-ups) costs more than the call.
         # One call slower than that (on a thread or inline) turns this off for good for the API.
-        self.inline_max = min(float(os.environ.get("BENTO_LIKE_INLINE_MS", "10")), 1.0) / 1000.0
+        self.inline_max = min(float(os.environ.get("BENTO_LIKE_INLINE_MS", "1")), 1.0) / 1000.0
         self.fast_calls = 0  # calls observed, all within inline_max; -1 once one was not
         self._labels = (config.name,)
         self._status_labels: dict[int, tuple[str, str]] = {}
