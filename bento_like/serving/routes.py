@@ -187,18 +187,23 @@ class APIEndpoint:
                 instance.in_flight -= 1
                 self._observe_call(time.perf_counter() - started)
         else:
-            call = instance.runner.submit(method, **kwargs)
-        started = time.perf_counter()
+            call = instance.runner.submit(self._timed, method, kwargs) if self.fast_calls >= 0 else \
+                instance.runner.submit(method, **kwargs)
         instance.in_flight += 1
         try:
-            result = await state.watchdog.run(call, timeout)
+            return await state.watchdog.run(call, timeout)
         except TimeoutError:
             raise _timed_out(self.name, timeout) from None
         finally:
             instance.in_flight -= 1
-        if not self.is_async:
+
+    def _timed(self, method: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+        """Run a sync call on an instance thread, timing the call itself (not the hand-off to the thread)."""
+        started = time.perf_counter()
+        try:
+            return method(**kwargs)
+        finally:
             self._observe_call(time.perf_counter() - started)
-        return result
 
     def _observe_call(self, seconds: float) -> None:
         if self.fast_calls >= 0:
