@@ -39,7 +39,7 @@ from ..bentos import (
     encode_manifest,
     sha256_file,
 )
-from ..models import ModelStore, default_store
+from ..models import Model, ModelStore, default_store
 from ..models._store import STAGING_DIR
 from ..sdk.loader import load_service
 from .lock import resolve, runtime_requirements
@@ -237,7 +237,7 @@ def _copy_models(
     contributes its optimized version, which must pass its quality gate."""
     entries: list[ModelEntry] = []
     copied: set[str] = set()
-    optimized: dict[tuple[str, str], str] = {}
+    optimized: dict[tuple[str, str], Model] = {}
     for attr, ref in sorted(spec.model_refs().items()):
         model = ref.resolve(model_store)
         model.verify()
@@ -247,8 +247,7 @@ def _copy_models(
             key = (model.tag, json.dumps([passes, quality], sort_keys=True, default=repr))
             if key not in optimized:
                 optimized[key] = _optimize(model.tag, passes, quality, model_store, dest, context, progress, attr)
-            source_tag, model = model.tag, ModelStore(dest).get(optimized[key])
-            model.verify()
+            source_tag, model = model.tag, optimized[key]
             copied.add(model.tag)  # saved straight into the bento's store
         size = sum(f.size for f in model.info.files)
         if model.tag not in copied:
@@ -274,13 +273,13 @@ def _optimization(ref: Any, name: str, version: str, cfg: BuildConfig) -> tuple[
     passes, quality = list(ref.options.get("optimize") or []), ref.options.get("quality")
     for entry in cfg.models:
         entry_name, entry_version = parse_tag(entry.tag)
-        if entry_name == name and entry_version in (None, "latest", version):
+        if entry_name == name and entry_version in ("latest", version):
             passes, quality = list(entry.optimize), entry.quality
     return passes, quality
 
 
 def _optimize(tag: str, passes: list[Any], quality: Any, model_store: ModelStore, dest: Path, context: Path,
-              progress: Callable[[str], None], attr: str) -> str:
+              progress: Callable[[str], None], attr: str) -> Model:
     """Optimize `tag` into the bento's own store (the user's store keeps only the pass cache's entries)."""
     from .optimize import OptimizeError, optimize_model
 
@@ -292,7 +291,7 @@ def _optimize(tag: str, passes: list[Any], quality: Any, model_store: ModelStore
     finally:
         shutil.rmtree(dest / STAGING_DIR, ignore_errors=True)  # the save's scratch space is not part of the bento
     progress(result.table())
-    return str(result.tag)
+    return result.model
 
 
 def _requirements(context: Path, cfg: BuildConfig, models: list[ModelEntry]) -> list[str]:

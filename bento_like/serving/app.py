@@ -10,9 +10,9 @@ import asyncio
 import gc
 import logging
 import os
-from pathlib import Path
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import msgspec
@@ -29,7 +29,7 @@ from .errors import HTTPError
 from .batching import Batcher
 from .deadlines import Watchdog
 from .instances import InstancePool
-from .metrics import Registry, published, publish
+from .metrics import Registry, publish, published
 from .v2 import v2_routes
 from .openapi import SWAGGER_HTML, build_openapi
 from .routes import APIEndpoint

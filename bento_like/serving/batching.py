@@ -266,11 +266,6 @@ class Batcher:
         rounds = math.ceil(math.ceil(total / cap) / instances)
         return (rounds - 1) * full + self.model.predict(min(total, cap))
 
-    def predicted_completion(self, items: int) -> float:
-        """Seconds until a request of ``items`` arriving now would be answered: the running batch, then the
-        queue ahead of it, then its own batch."""
-        return self._running_left() + self.predicted_wait(items)
-
     def _running_left(self) -> float:
         if self.busy >= max(1, len(self.pool.instances)) and self._finishing:
             return max(0.0, min(self._finishing.values()) - asyncio.get_running_loop().time())

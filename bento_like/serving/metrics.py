@@ -140,8 +140,7 @@ class Registry:
 
     def render(self, others: Iterable[dict[str, list[str]]] = ()) -> str:
         """The Prometheus text of this process, with other workers' samples (from ``others``) grouped in."""
-        own = self.families()
-        merged = {name: list(lines) for name, lines in own.items()}
+        merged = self.families()
         for family in others:
             for name, lines in family.items():
                 if name in merged:

@@ -7,9 +7,9 @@ limit, decode and validate, run on an instance under the deadline, encode. Every
 from __future__ import annotations
 
 import asyncio
-import os
 import inspect
 import logging
+import os
 import time
 import uuid
 from typing import Any, Awaitable, Callable
@@ -179,13 +179,11 @@ class APIEndpoint:
         if self.is_async:
             call = method(**kwargs)
         elif instance.in_flight == 0 and self.fast_calls >= _INLINE_AFTER:
-            started = time.perf_counter()
             instance.in_flight += 1
             try:
-                return method(**kwargs)
+                return self._timed(method, kwargs)
             finally:
                 instance.in_flight -= 1
-                self._observe_call(time.perf_counter() - started)
         else:
             call = instance.runner.submit(self._timed, method, kwargs) if self.fast_calls >= 0 else \
                 instance.runner.submit(method, **kwargs)
@@ -198,7 +196,7 @@ class APIEndpoint:
             instance.in_flight -= 1
 
     def _timed(self, method: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
-        """Run a sync call on an instance thread, timing the call itself (not the hand-off to the thread)."""
+        """Run a sync call (inline, or on an instance thread), timing the call itself, not any hand-off."""
         started = time.perf_counter()
         try:
             return method(**kwargs)
