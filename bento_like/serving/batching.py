@@ -263,8 +263,13 @@ class Batcher:
         total = self.queued_items + items
         cap = self.batch_cap()
         full = self.model.predict(cap)
-        rounds = math.ceil(math.ceil(total / cap) / instances)
-        return (rounds - 1) * full + self.model.predict(min(total, cap))
+        batches = math.ceil(total / cap)
+        rounds = math.ceil(batches / instances)
+        # Its own batch also takes what arrives before it starts: under steady traffic it runs full, and a
+        # full batch takes longer than the part of it queued now.
+        ahead = (rounds - 1) * full + self._running_left()
+        own = min(cap, total - (batches - 1) * cap + self.rate.get(asyncio.get_running_loop().time()) * ahead)
+        return (rounds - 1) * full + self.model.predict(math.ceil(own))
 
     def _running_left(self) -> float:
         if self.busy >= max(1, len(self.pool.instances)) and self._finishing:
@@ -298,7 +303,7 @@ class Batcher:
                 while not self._live_head():
                     self._arrived.clear()
                     await self._arrived.wait()
-                instance = await self.pool.acquire()
+                instance = await self.pool.acquire(self)
                 try:
                     batch = await self._form_batch()
                 except BaseException:
@@ -407,20 +412,40 @@ class Batcher:
         return batch
 
     async def _run(self, instance: Instance, batch: list[Pending]) -> None:
-        now = asyncio.get_running_loop().time()
-        for p in batch:
-            self._queue_wait(now - p.arrival)
-        key = id(batch)
-        self._finishing[key] = now + self.model.predict(sum(p.items for p in batch))
+        """Run ``batch`` on ``instance``, then, while a full batch is already queued and no other API waits for
+        an instance, the next one on the same instance at once: handing the instance back to the dispatcher
+        costs several event-loop turns (milliseconds under load) during which the model would sit idle."""
+        loop = asyncio.get_running_loop()
+        key = id(instance)
         try:
-            await self._execute(instance, batch)
+            while batch:
+                now = loop.time()
+                for p in batch:
+                    self._queue_wait(now - p.arrival)
+                self._finishing[key] = now + self.model.predict(sum(p.items for p in batch))
+                await self._execute(instance, batch)
+                batch = [] if self.pool.others_waiting(self) else self._take_full()
+                if not batch:
+                    break
+                self.last_done = loop.time()
+                self._awaiting_echo = True
         finally:
-            del self._finishing[key]
+            self._finishing.pop(key, None)
             self.busy -= 1
-            self.last_done = asyncio.get_running_loop().time()
+            self.last_done = loop.time()
             self._awaiting_echo = True
             self.pool.release(instance)
             self._arrived.set()
+
+    def _take_full(self) -> list[Pending]:
+        """The next batch if the queue already holds a full one (the cap, or the largest preferred size)."""
+        target = self.batch_cap()
+        if self.preferred:
+            fitting = [p for p in self.preferred if p <= target]
+            target = fitting[-1] if fitting else target
+        if self.queued_items < target or self._live_head() is None:
+            return []
+        return self._take(target)
 
     async def _execute(self, instance: Instance, batch: list[Pending]) -> None:
         """Run a batch; if it raises, split it and rerun the halves so only the failing requests fail."""

@@ -190,14 +190,25 @@ class InstancePool:
         compute = int(os.environ.get("BENTO_LIKE_COMPUTE_THREADS", 0)) or max(1, _cores() // cpu_instances)
         self.instances = [Instance(spec, d, i, threads, compute) for i, d in enumerate(devices)]
         self._idle: asyncio.Queue[Instance] | None = None
+        self._waiting: dict[object, int] = {}  # who waits for an instance now (the batchers), how many times
 
-    async def acquire(self) -> Instance:
+    async def acquire(self, owner: object = None) -> Instance:
         """Wait for an instance that runs no batch, and take it (batched APIs run one batch per instance)."""
         if self._idle is None:
             self._idle = asyncio.Queue()
             for inst in self.instances:
                 self._idle.put_nowait(inst)
-        return await self._idle.get()
+        self._waiting[owner] = self._waiting.get(owner, 0) + 1
+        try:
+            return await self._idle.get()
+        finally:
+            self._waiting[owner] -= 1
+            if not self._waiting[owner]:
+                del self._waiting[owner]
+
+    def others_waiting(self, owner: object) -> bool:
+        """Whether anyone but ``owner`` waits for an instance."""
+        return any(who is not owner for who in self._waiting)
 
     def release(self, instance: Instance) -> None:
         assert self._idle is not None

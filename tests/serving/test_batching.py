@@ -4,6 +4,7 @@ deadlines, disconnects and failure isolation."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import statistics
 import time
 from pathlib import Path
@@ -12,7 +13,9 @@ import httpx
 import numpy as np
 import pytest
 
-from bento_like.serving.batching import LatencyModel
+from bento_like.sdk.service import get_spec
+from bento_like.serving.app import ServerState, ServeOptions
+from bento_like.serving.batching import Batcher, LatencyModel
 
 SERVICES = Path(__file__).parent / "services"
 
@@ -166,6 +169,64 @@ def test_batches_are_cut_to_fit_the_budget_when_a_full_batch_is_too_slow(start_s
     assert all(r.status_code in (200, 429) for r in responses)
     sizes = [len(b) for b in seen(server.url)]
     assert sizes and max(sizes) <= 5, sizes
+
+
+def test_an_api_kept_busy_does_not_starve_another_on_the_same_instance(start_server) -> None:
+    # 40 closed-loop clients keep /double's queue full for 2 s (50 ms batches of 8). Its dispatcher runs the
+    # next full batch on the instance as soon as one ends, but not while another API waits for the instance:
+    # each /negate request gets its turn within a batch or two instead of after the flood.
+    server = start_server("batched.py:TwoBatched", cwd=SERVICES)
+
+    async def scenario() -> tuple[list[int], list[float]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30, limits=httpx.Limits(max_connections=64)) as c:
+            stop = time.perf_counter() + 2.0
+            codes: list[int] = []
+
+            async def flood() -> None:
+                while time.perf_counter() < stop:
+                    codes.append((await c.post("/double", json={"x": [[1, 1]]})).status_code)
+
+            async def other() -> list[float]:
+                await asyncio.sleep(0.5)  # the flood is under way
+                took = []
+                for i in range(4):
+                    started = time.perf_counter()
+                    r = await c.post("/negate", json={"x": [[i, i]]})
+                    assert r.status_code == 200 and r.json() == [[-i, -i]]
+                    took.append(time.perf_counter() - started)
+                return took
+
+            results = await asyncio.gather(other(), *(flood() for _ in range(40)))
+            return codes, results[0]
+
+    codes, took = asyncio.run(scenario())
+    assert codes.count(200) >= 100, f"the flood itself was not served: {len(codes)} requests"
+    assert max(took) < 0.6, f"/negate waited {max(took):.2f} s behind /double's flood"
+
+
+def test_predicted_wait_counts_the_items_that_will_join_the_batch_before_it_runs() -> None:
+    # Under steady traffic a request's batch is filled up to the cap by later arrivals before an instance is
+    # free for it, and a full batch takes longer than the part of it queued now.
+    module_spec = importlib.util.spec_from_file_location("batched_service", SERVICES / "batched.py")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    spec = get_spec(module.Batched)
+    config = next(e.config for e in spec.apis if e.attr == "double")
+
+    async def check() -> None:
+        batcher = Batcher(ServerState(spec, ServeOptions()), "double", config, False, 64)
+        for size, seconds in ((1, 0.010), (8, 0.050)):
+            batcher.model.observe(size, seconds)
+        batcher.queued_items = 2
+        assert batcher.predicted_wait(1) == pytest.approx(batcher.model.predict(3))  # nothing else arriving
+        now = asyncio.get_running_loop().time()
+        batcher.rate.add(400, now)  # 1600 items/s
+        batcher.busy, batcher._finishing = 1, {0: now + 0.04}  # the one instance runs a batch for 40 ms more
+        assert batcher.predicted_wait(1) == pytest.approx(0.050, rel=0.01)  # its batch will be full
+        batcher.queued_items = 10  # a full batch ahead, then its own (full too)
+        assert batcher.predicted_wait(1) == pytest.approx(0.100, rel=0.01)
+
+    asyncio.run(check())
 
 
 def test_batch_dim_is_required_on_batched_inputs(start_server) -> None:

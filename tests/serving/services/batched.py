@@ -40,3 +40,18 @@ class Batched:
         if reset:
             self.batches.clear()
         return seen
+
+
+@bl.service(traffic={"max_queue": 64, "timeout": 10})
+class TwoBatched:
+    """Two batchable APIs on the same instance, which runs one batch at a time whichever API it is for."""
+
+    @bl.api(batchable=True, max_batch_size=8, max_latency_ms=1000)
+    def double(self, x: ROW) -> np.ndarray:
+        time.sleep(DELAY)
+        return x * 2
+
+    @bl.api(batchable=True, max_batch_size=8, max_latency_ms=1000)
+    def negate(self, x: ROW) -> np.ndarray:
+        time.sleep(DELAY)
+        return -x
