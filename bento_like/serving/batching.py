@@ -139,6 +139,8 @@ class Batcher:
         self.last_done = -math.inf  # when a batch last finished (its answers are going out)
         self.echo: float | None = None  # learned: seconds from a batch finishing to the next arrival
         self._awaiting_echo = False
+        self.echo_all: float | None = None  # learned: seconds until as many items as the batch held came back
+        self._returning = 0  # items of the last finished batch whose clients have not sent again yet
         self.queue: deque[Pending] = deque()
         self.queued_items = 0
         self.queued_requests = 0
@@ -185,7 +187,7 @@ class Batcher:
 
     def _call(self, instance: Instance, inputs: Any) -> Any:
         method = getattr(instance.obj, self.attr)
-        return method(inputs) if self.is_async else instance.runner.submit(method, inputs)
+        return method(inputs) if self.is_async else instance.batch_runner.submit(method, inputs)
 
     # -- requests ---------------------------------------------------------------------------------------
 
@@ -216,6 +218,11 @@ class Batcher:
             delay = now - self.last_done
             if delay < 0.1:
                 self.echo = delay if self.echo is None else self.echo + 0.2 * (delay - self.echo)
+        if self._returning > 0:
+            self._returning -= items
+            delay = now - self.last_done
+            if self._returning <= 0 and delay < 0.1:
+                self.echo_all = delay if self.echo_all is None else self.echo_all + 0.2 * (delay - self.echo_all)
         if items <= self.max_batch:
             return await self._enqueue(value, items, now, deadline)
         # Bigger than a batch: cut into full batches and put the answers back together in order.
@@ -376,6 +383,8 @@ class Batcher:
         until = self.last_arrival + gap
         if self._awaiting_echo and self.echo is not None:
             until = max(until, self.last_done + min(2.0 * self.echo, run_now))
+        if self._returning > 0 and self.echo_all is not None:
+            until = max(until, self.last_done + min(1.5 * self.echo_all, run_now))
         return max(0.0, min(slack, until - now))
 
     async def _form_batch(self) -> list[Pending]:
@@ -424,6 +433,7 @@ class Batcher:
                     self._queue_wait(now - p.arrival)
                 self._finishing[key] = now + self.model.predict(sum(p.items for p in batch))
                 await self._execute(instance, batch)
+                self._returning = sum(p.items for p in batch)
                 batch = [] if self.pool.others_waiting(self) else self._take_full()
                 if not batch:
                     break

@@ -142,6 +142,9 @@ class Instance:
         # every built object (dependencies first) with its spec, in the order their startup hooks ran
         self._started: list[tuple[ServiceSpec, Any]] = []
         self.runner = ThreadRunner(threads, f"{spec.name}-{index}", initializer=self.limit_threads)
+        # Batches run one at a time per instance, always on this one thread: the model's working set (its
+        # BLAS library's per-thread buffers, the caches of the core it last ran on) stays warm between batches.
+        self.batch_runner = ThreadRunner(1, f"{spec.name}-{index}-batch", drain=1, initializer=self.limit_threads)
 
     def limit_threads(self) -> None:
         """Cap torch's intra-op threads so that the instances of all workers share the cores, not fight."""
@@ -218,6 +221,7 @@ class InstancePool:
         loop = asyncio.get_running_loop()
         for inst in self.instances:
             inst.runner.start(loop)
+            inst.batch_runner.start(loop)
         for inst in self.instances:
             # __init__ may load large models: keep the event loop free to answer /livez meanwhile.
             await loop.run_in_executor(None, inst.build)
@@ -231,6 +235,7 @@ class InstancePool:
             except Exception:
                 log.exception("shutdown hook of %s failed", self.spec.name)
             inst.runner.stop()
+            inst.batch_runner.stop()
 
     def pick(self) -> Instance:
         instances = self.instances

@@ -47,6 +47,30 @@ def test_concurrent_requests_form_batches_and_get_their_own_rows_back(start_serv
     assert "bento_like_queue_wait_seconds_count" in metrics and "bento_like_batch_execution_seconds_sum" in metrics
 
 
+def test_closed_loop_clients_keep_making_full_batches_on_one_thread(start_server) -> None:
+    # 16 clients that each send again as soon as they are answered: after a batch of 8 ends, the dispatcher
+    # waits (within the budget) for its 8 clients to come back instead of running the first few alone.
+    server = start_server("batched.py:Batched", cwd=SERVICES, env={"BATCH_DELAY": "0.03"})
+
+    async def clients() -> None:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            stop = time.perf_counter() + 1.5
+
+            async def loop(i: int) -> None:
+                while time.perf_counter() < stop:
+                    r = await client.post("/double", json={"x": [[i, i]]})
+                    assert r.status_code == 200 and r.json() == [[2 * i, 2 * i]]
+
+            await asyncio.gather(*(loop(i) for i in range(16)))
+
+    seen(server.url)
+    asyncio.run(clients())
+    sizes = [len(b) for b in seen(server.url)]
+    assert len(sizes) >= 10 and sum(s == 8 for s in sizes) >= 0.8 * len(sizes), sizes
+    threads = httpx.post(server.url + "/batch_threads", json={}).json()
+    assert len(threads) == 1 and "-batch-" in threads[0], threads
+
+
 def test_request_larger_than_max_batch_is_split_and_reassembled_in_order(start_server) -> None:
     server = start_server("batched.py:Batched", cwd=SERVICES)
     seen(server.url)

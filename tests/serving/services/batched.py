@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Annotated
 
@@ -19,12 +20,14 @@ PER_ITEM = float(os.environ.get("ITEM_DELAY", "0"))
 class Batched:
     def __init__(self) -> None:
         self.batches: list[list[float]] = []
+        self.threads: set[str] = set()  # the threads batches ran on
 
     @bl.api(batchable=True, max_batch_size=8, max_latency_ms=float(os.environ.get("MAX_LATENCY_MS", "1000")))
     def double(self, x: ROW) -> np.ndarray:
         """Doubles each row; a row holding -1 makes the whole batch fail (a poisoned input)."""
         time.sleep(DELAY + PER_ITEM * len(x))
         self.batches.append(x[:, 0].tolist())
+        self.threads.add(threading.current_thread().name)
         if (x == -1).any():
             raise ValueError("poisoned row")
         return x * 2
@@ -33,6 +36,10 @@ class Batched:
     def double_direct(self, x: ROW) -> np.ndarray:
         time.sleep(DELAY)
         return x * 2
+
+    @bl.api
+    def batch_threads(self) -> list:
+        return sorted(self.threads)
 
     @bl.api
     def batches_seen(self, reset: bool = False) -> list:
