@@ -358,6 +358,14 @@ class Batcher:
         because requests waited would lower throughput just when the queue is longest, and spiral."""
         return self.model.largest_within(self.budget, self.max_batch) if self.model.sizes else self.max_batch
 
+    def full_batch(self) -> int:
+        """The size that goes at once: the cap, or the largest preferred size under it."""
+        target = self.batch_cap()
+        if self.preferred:
+            fitting = [p for p in self.preferred if p <= target]
+            target = fitting[-1] if fitting else target
+        return target
+
     def wait_time(self, available: int, waited: float, now: float) -> float:
         """Seconds worth waiting for more items before flushing ``available`` (0: flush now).
 
@@ -368,10 +376,7 @@ class Batcher:
         finished, for the answers just sent to come back as new requests (closed-loop clients: twice the
         learned delay between a batch finishing and the next arrival), but never past the point where the
         oldest request's wait plus the batch's predicted execution would exceed the budget."""
-        target = self.batch_cap()
-        if self.preferred:
-            fitting = [p for p in self.preferred if p <= target]
-            target = fitting[-1] if fitting else target
+        target = self.full_batch()
         if available >= target or not self.model.sizes:
             return 0.0
         rate = self.rate.get(now)
@@ -431,28 +436,22 @@ class Batcher:
                 now = loop.time()
                 for p in batch:
                     self._queue_wait(now - p.arrival)
-                self._finishing[key] = now + self.model.predict(sum(p.items for p in batch))
+                items = sum(p.items for p in batch)
+                self._finishing[key] = now + self.model.predict(items)
                 await self._execute(instance, batch)
-                self._returning = sum(p.items for p in batch)
-                batch = [] if self.pool.others_waiting(self) else self._take_full()
-                if not batch:
-                    break
                 self.last_done = loop.time()
                 self._awaiting_echo = True
+                self._returning = items
+                batch = [] if self.pool.others_waiting(self) else self._take_full()
         finally:
             self._finishing.pop(key, None)
             self.busy -= 1
-            self.last_done = loop.time()
-            self._awaiting_echo = True
             self.pool.release(instance)
             self._arrived.set()
 
     def _take_full(self) -> list[Pending]:
-        """The next batch if the queue already holds a full one (the cap, or the largest preferred size)."""
-        target = self.batch_cap()
-        if self.preferred:
-            fitting = [p for p in self.preferred if p <= target]
-            target = fitting[-1] if fitting else target
+        """The next batch if the queue already holds a full one."""
+        target = self.full_batch()
         if self.queued_items < target or self._live_head() is None:
             return []
         return self._take(target)
