@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import inspect
+import itertools
+import struct
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -103,6 +105,26 @@ class InputCodec:
         )
         self._decoder = msgspec.json.Decoder(self.struct, dec_hook=_dec_hook)
         self._arrays = tuple(p for p in params if p.array is not None and (p.array.dtype or p.array.shape))
+        # Float arrays of declared rank decode faster as typed nested lists (msgspec checks every element is
+        # a number) turned into the declared dtype in one step, than as generic JSON that numpy must inspect
+        # and then cast. Anything this path does not accept as it is goes through the general one, which
+        # gives the precise error.
+        self._float_arrays = tuple(
+            (p, len(p.array.shape), np.dtype(p.array.dtype), _PACK_CODES.get(np.dtype(p.array.dtype).name))
+            for p in params
+            if p.required and p.array is not None and p.array.shape is not None
+            and p.array.dtype is not None and np.dtype(p.array.dtype).kind == "f"
+        )
+        fast_names = {f[0].name for f in self._float_arrays}
+        self._other_arrays = tuple(p for p in self._arrays if p.name not in fast_names)
+        self._fast_decoder = None
+        if self._float_arrays:
+            typed = {p.name: _nested_list(float, depth) for p, depth, _, _ in self._float_arrays}
+            fast_fields = [(f[0], typed.get(f[0], f[1]), *f[2:]) for f in fields]
+            fast = msgspec.defstruct(
+                f"{api.name}_input_fast", fast_fields, forbid_unknown_fields=True, kw_only=True, module=__name__
+            )
+            self._fast_decoder = msgspec.json.Decoder(fast, dec_hook=_dec_hook)
         # A single bytes/File input may arrive as the raw body.
         self.raw_param = params[0] if len(params) == 1 and params[0].kind in ("bytes", "file") else None
         try:  # a type msgspec cannot decode or describe fails here, at load, not on the first request
@@ -134,6 +156,10 @@ class InputCodec:
                     400, f"empty body: API {self.api.name!r} takes a JSON object with " + _describe(self.params)
                 )
             body = b"{}"
+        if self._fast_decoder is not None:
+            fast = self._decode_fast(body)
+            if fast is not None:
+                return fast
         try:
             value = self._decoder.decode(body)
         except msgspec.ValidationError as exc:
@@ -146,6 +172,24 @@ class InputCodec:
         except msgspec.DecodeError as exc:
             raise bad_request(f"malformed JSON: {exc}") from None
         return self._finish(value)
+
+    def _decode_fast(self, body: bytes) -> dict[str, Any] | None:
+        """The fast path for float arrays of declared rank; None when the body needs the general path."""
+        assert self._fast_decoder is not None
+        try:
+            value = self._fast_decoder.decode(body)
+        except msgspec.DecodeError:  # includes validation errors: the general path words them
+            return None
+        kwargs = {f: getattr(value, f) for f in value.__struct_fields__}
+        for p, depth, dtype, code in self._float_arrays:
+            arr = _float_array(kwargs[p.name], depth, dtype, code)
+            if arr is None:
+                return None
+            assert p.array is not None
+            kwargs[p.name] = _check_shape(p, p.array, arr)
+        for p in self._other_arrays:
+            kwargs[p.name] = _check_array(p, kwargs[p.name])
+        return kwargs
 
     def decode_raw(self, body: bytes, content_type: str | None) -> dict[str, Any]:
         assert self.raw_param is not None
@@ -220,6 +264,48 @@ def _cast_problem(arr: Any, target: Any) -> str | None:
         bad = low if low < info.min else high
         return f"got {bad.item()!r} outside its range [{info.min}, {info.max}]"
     return None
+
+
+_PACK_CODES = {"float16": "e", "float32": "f", "float64": "d"}
+_PACK_MAX = 8192
+"""Up to this many values, struct packs a flat list into the array about twice as fast as numpy converts it;
+beyond, numpy's own conversion is faster."""
+
+
+def _float_array(value: list[Any], depth: int, dtype: np.dtype, code: str | None) -> np.ndarray | None:
+    """Nested lists of floats, ``depth`` deep, as an array of ``dtype`` (whose struct format character is
+    ``code``); None if empty, ragged or beyond the dtype's range."""
+    shape = []
+    flat = value
+    for level in range(depth):
+        if level:
+            widths = set(map(len, flat))
+            if len(widths) != 1:
+                return None
+            width = widths.pop()
+            flat = list(itertools.chain.from_iterable(flat)) if len(flat) > 1 else flat[0]
+            shape.append(width)
+        else:
+            shape.append(len(flat))
+        if not flat:
+            return None  # empty: the general path words what is wrong with it, if anything
+    try:
+        if code is not None and len(flat) <= _PACK_MAX:
+            arr = np.empty(shape, dtype=dtype)
+            struct.pack_into(f"={len(flat)}{code}", arr, 0, *flat)
+            return arr
+        with np.errstate(over="ignore"):
+            arr = np.array(value, dtype=dtype)
+    except (OverflowError, ValueError, struct.error):
+        return None
+    return arr if np.isfinite(arr).all() else None  # JSON has no inf: a value beyond the dtype's range
+
+
+def _nested_list(leaf: Any, depth: int) -> Any:
+    tp = leaf
+    for _ in range(depth):
+        tp = list[tp]
+    return tp
 
 
 def _kind(ann: Any, spec: ArraySpec | None) -> str:

@@ -1,0 +1,123 @@
+"""Request decoding: the fast path for float arrays of declared rank gives exactly what the general path gives.
+
+The served behaviour (status codes, messages over HTTP) is tested in test_app.py and test_v2.py; this checks the
+two decoders against each other on the same bodies, values and errors alike.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import numpy as np
+import pytest
+
+import bento_like as bl
+from bento_like.sdk.service import get_spec
+from bento_like.serving import codecs
+from bento_like.serving.codecs import InputCodec
+from bento_like.serving.errors import HTTPError
+
+
+@bl.service
+class Arrays:
+    @bl.api
+    def f32(self, x: Annotated[np.ndarray, bl.Shape(-1, 3), bl.DType("float32")], scale: float = 1.0) -> np.ndarray:
+        return x
+
+    @bl.api
+    def f16(self, x: Annotated[np.ndarray, bl.Shape(2), bl.DType("float16")]) -> np.ndarray:
+        return x
+
+    @bl.api
+    def f64_3d(self, x: Annotated[np.ndarray, bl.Shape(-1, -1, 2), bl.DType("float64")]) -> np.ndarray:
+        return x
+
+
+def codec(name: str) -> InputCodec:
+    entry = next(e for e in get_spec(Arrays).apis if e.attr == name)
+    return InputCodec(entry.config, getattr(Arrays, name))
+
+
+def general(c: InputCodec, body: bytes) -> dict[str, Any]:
+    fast, c._fast_decoder = c._fast_decoder, None
+    try:
+        return c.decode_json(body)
+    finally:
+        c._fast_decoder = fast
+
+
+def outcome(fn, *args) -> Any:
+    """What a decoder made of a body, comparable with ==: the arguments (arrays as dtype, shape and values) or
+    the error."""
+    try:
+        kwargs = fn(*args)
+    except HTTPError as exc:
+        return exc.status, str(exc)
+    return {k: (v.dtype.name, v.shape, v.tolist()) if isinstance(v, np.ndarray) else v for k, v in kwargs.items()}
+
+
+WIDE = [[0.1 * i for i in range(3)] for _ in range(3000)]
+assert 3 * len(WIDE) > codecs._PACK_MAX  # past the size up to which values are struct-packed
+
+
+@pytest.mark.parametrize(
+    ("api", "x"),
+    [
+        ("f32", [[0.1, 0.2, 0.3]]),
+        ("f32", [[1, 2, 3], [4.5, -6, 7e-3]]),  # ints mixed in
+        ("f32", [[3.4028234e38, -1e-45, 16777217]]),  # float32 extremes round the same way
+        ("f32", WIDE),
+        ("f16", [65504, 0.1]),
+        ("f64_3d", [[[1, 2], [3, 4.25]], [[5, 6], [7, 8]]]),
+    ],
+)
+def test_fast_path_matches_the_general_path_on_valid_input(api: str, x: list) -> None:
+    c = codec(api)
+    assert c._fast_decoder is not None
+    body = json.dumps({"x": x}).encode()
+    fast_args, slow_args = c.decode_json(body), general(c, body)
+    assert c._decode_fast(body) is not None  # the fast path did the work
+    got, want = fast_args["x"], slow_args["x"]
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    assert got.flags.writeable  # a model may write into its input
+
+
+@pytest.mark.parametrize(
+    ("api", "x"),
+    [
+        ("f32", [[1e300, 1, 2]]),  # beyond float32
+        ("f32", [[1, 2], [3]]),  # ragged
+        ("f32", [1, 2, 3]),  # wrong rank
+        ("f32", [[True, 1, 2]]),  # booleans: the general path takes them as 0 and 1
+        ("f32", [["1", "2", "3"]]),
+        ("f32", []),
+        ("f32", [[]]),
+        ("f32", "[[1, 2, 3]]"),  # an array as JSON text (as a form field sends it)
+        ("f16", [70000, 1]),  # beyond float16
+        ("f64_3d", [[[1, 2], [3]]]),
+    ],
+)
+def test_what_the_fast_path_does_not_take_as_it_is_goes_the_general_way(api: str, x: Any) -> None:
+    c = codec(api)
+    body = json.dumps({"x": x}).encode()
+    assert c._decode_fast(body) is None
+    assert outcome(c.decode_json, body) == outcome(general, c, body)
+
+
+def test_a_wrong_shape_is_refused_in_the_same_words() -> None:
+    c = codec("f32")
+    body = b'{"x": [[1, 2, 3, 4]]}'
+    assert outcome(c.decode_json, body) == outcome(general, c, body)
+    assert outcome(c.decode_json, body) == (422, "Expected an array of shape (*, 3), got shape (1, 4) (at $.x)")
+
+
+def test_other_fields_decode_the_same_way_on_the_fast_path() -> None:
+    c = codec("f32")
+    bodies = [b'{"x": [[1, 2, 3]], "scale": 2}', b'{"x": [[1, 2, 3]]}', b'{"x": [[1, 2, 3]], "scale": "big"}',
+              b'{"x": [[1, 2, 3]], "y": 1}', b'{"scale": 2}']
+    results = [outcome(c.decode_json, body) for body in bodies]
+    assert results == [outcome(general, c, body) for body in bodies]
+    assert [r["scale"] for r in results[:2]] == [2, 1.0]
+    assert all(r[0] in (400, 422) for r in results[2:])
