@@ -48,8 +48,10 @@ class LatencyModel:
         self.alpha = alpha
         self.sizes: list[int] = []
         self.seconds: dict[int, float] = {}
+        self.observations = 0  # what was derived from the model is stale once this changed
 
     def observe(self, size: int, seconds: float) -> None:
+        self.observations += 1
         old = self.seconds.get(size)
         if old is None:
             bisect.insort(self.sizes, size)
@@ -146,6 +148,9 @@ class Batcher:
         self.queued_requests = 0
         self.busy = 0  # batches of this API running now
         self._finishing: dict[int, float] = {}  # running batch -> when it is predicted to end
+        self._cap_at = -1  # model.observations when the cap below was derived
+        self._cap = self.max_batch
+        self._cap_seconds = 0.0  # predicted execution of a batch of _cap
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         labels = (config.name,)
@@ -269,7 +274,7 @@ class Batcher:
         instances = max(1, len(self.pool.instances))
         total = self.queued_items + items
         cap = self.batch_cap()
-        full = self.model.predict(cap)
+        full = self._cap_seconds
         batches = math.ceil(total / cap)
         rounds = math.ceil(batches / instances)
         # Its own batch also takes what arrives before it starts: under steady traffic it runs full, and a
@@ -355,8 +360,14 @@ class Batcher:
         """The largest batch whose predicted execution fits the latency budget (max_batch_size if all do).
 
         It depends on the execution time alone, not on how long the queue has waited: shrinking batches
-        because requests waited would lower throughput just when the queue is longest, and spiral."""
-        return self.model.largest_within(self.budget, self.max_batch) if self.model.sizes else self.max_batch
+        because requests waited would lower throughput just when the queue is longest, and spiral. It is
+        derived again only after the model learned something (once per batch), not per request."""
+        model = self.model
+        if self._cap_at != model.observations:
+            self._cap_at = model.observations
+            self._cap = model.largest_within(self.budget, self.max_batch) if model.sizes else self.max_batch
+            self._cap_seconds = model.predict(self._cap)
+        return self._cap
 
     def full_batch(self) -> int:
         """The size that goes at once: the cap, or the largest preferred size under it."""
