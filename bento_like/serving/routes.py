@@ -30,6 +30,7 @@ from .codecs import (
     output_kind,
     sse_event,
 )
+from .deadlines import ClientGone
 from .errors import HTTPError, too_many_requests, unavailable
 
 log = logging.getLogger("bento_like.serving")
@@ -76,8 +77,9 @@ class APIEndpoint:
         self.in_flight += 1
         try:
             status = await handler(scope, receive, send)
-        except _ClientGone:
+        except ClientGone:
             status = 499  # nginx's "client closed request": nobody is left to answer
+            state.metrics.rejections.inc((self.name, "disconnected"))
         except HTTPError as exc:
             status = exc.status
             if status in _REFUSALS:
@@ -189,7 +191,7 @@ class APIEndpoint:
                 instance.runner.submit(method, **kwargs)
         instance.in_flight += 1
         try:
-            return await state.watchdog.run(call, timeout)
+            return await state.watchdog.run(call, timeout, receive)
         except TimeoutError:
             raise _timed_out(self.name, timeout) from None
         finally:
@@ -208,37 +210,15 @@ class APIEndpoint:
             self.fast_calls = self.fast_calls + 1 if seconds <= self.inline_max else -1
 
     async def _batched(self, receive: Receive | None, kwargs: dict[str, Any], timeout: float) -> Any:
-        """Queue the input in the API's batcher; stop waiting if the client goes away."""
-        state = self.state
-        task = asyncio.current_task()
-        assert task is not None and self.batcher is not None
-        gone = False
-
-        async def watch_disconnect() -> None:
-            nonlocal gone
-            assert receive is not None
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            gone = True
-            task.cancel()
-
-        watcher = asyncio.get_running_loop().create_task(watch_disconnect()) if receive is not None else None
+        """Queue the input in the API's batcher; stop waiting if the deadline passes or the client goes away."""
+        assert self.batcher is not None
         deadline = asyncio.get_running_loop().time() + timeout
         try:
-            return await state.watchdog.run(self.batcher.submit(kwargs[self.config.params[0]], deadline), timeout)
+            return await self.state.watchdog.run(
+                self.batcher.submit(kwargs[self.config.params[0]], deadline), timeout, receive
+            )
         except TimeoutError:
             raise _timed_out(self.name, timeout) from None
-        except asyncio.CancelledError:
-            if gone:
-                state.metrics.rejections.inc((self.name, "disconnected"))
-                uncancel = getattr(task, "uncancel", None)
-                if uncancel is not None:
-                    uncancel()
-                raise _ClientGone from None
-            raise
-        finally:
-            if watcher is not None:
-                watcher.cancel()
 
     async def _respond(self, scope: Scope, receive: Receive, send: Send, result: Any) -> int:
         if isinstance(result, _RESPONSE_TYPES):
@@ -291,10 +271,6 @@ class APIEndpoint:
 
 
 _REFUSALS = {429: "overload", 503: "not_ready", 504: "timeout"}
-
-
-class _ClientGone(Exception):
-    """The client disconnected while its request waited; there is no one to answer."""
 
 
 def _timed_out(api: str, timeout: float) -> HTTPError:

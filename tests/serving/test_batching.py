@@ -150,6 +150,29 @@ def test_client_that_disconnects_is_removed_from_the_queue(start_server) -> None
     assert 'bento_like_rejections_total{api="double",reason="disconnected"} 1' in httpx.get(server.url + "/metrics").text
 
 
+def test_slow_direct_calls_run_side_by_side_and_an_abandoned_one_never_runs(start_server) -> None:
+    """Not batched: four calls take the instance's four threads (one each, none queued behind another), the
+    fifth waits for a thread and its client leaves."""
+    server = start_server("batched.py:Batched", cwd=SERVICES, env={"BATCH_DELAY": "0.6"})
+
+    async def scenario() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            busy = [asyncio.create_task(client.post("/double_direct", json={"x": [[i, 0]]})) for i in (1, 2, 3, 4)]
+            await asyncio.sleep(0.15)
+            with pytest.raises(httpx.TimeoutException):
+                await client.post("/double_direct", json={"x": [[5, 5]]}, timeout=0.2)
+            return list(await asyncio.gather(*busy))
+
+    assert [r.status_code for r in asyncio.run(scenario())] == [200] * 4
+    time.sleep(0.8)  # long enough for the abandoned call to have run, had it been kept
+    ran = httpx.post(server.url + "/direct_seen").json()[1:]  # after the warm-up call
+    assert sorted(x for x, _ in ran) == [1, 2, 3, 4]
+    assert len({thread for _, thread in ran}) == 4
+    assert 'bento_like_rejections_total{api="double_direct",reason="disconnected"} 1' in httpx.get(
+        server.url + "/metrics"
+    ).text
+
+
 def test_a_failing_item_fails_alone(start_server) -> None:
     server = start_server("batched.py:Batched", cwd=SERVICES)
     bodies = [{"x": [[float(i), 0]]} for i in range(12)]

@@ -21,6 +21,7 @@ class Batched:
     def __init__(self) -> None:
         self.batches: list[list[float]] = []
         self.threads: set[str] = set()  # the threads batches ran on
+        self.direct: list[tuple[float, str]] = []  # each double_direct call that ran: x[0, 0], its thread
 
     @bl.api(batchable=True, max_batch_size=8, max_latency_ms=float(os.environ.get("MAX_LATENCY_MS", "1000")))
     def double(self, x: ROW) -> np.ndarray:
@@ -35,7 +36,12 @@ class Batched:
     @bl.api
     def double_direct(self, x: ROW) -> np.ndarray:
         time.sleep(DELAY)
+        self.direct.append((float(x[0, 0]), threading.current_thread().name))
         return x * 2
+
+    @bl.api
+    def direct_seen(self) -> list:
+        return list(self.direct)
 
     @bl.api
     def batch_threads(self) -> list:
