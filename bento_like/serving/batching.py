@@ -26,6 +26,7 @@ import math
 import time
 import uuid
 from collections import deque
+from time import monotonic as clock
 from typing import Any
 
 import numpy as np
@@ -138,6 +139,7 @@ class Batcher:
         self.model = LatencyModel()
         self.rate = ArrivalRate()
         self.last_arrival = 0.0
+        self.gap: float | None = None  # learned: seconds between arrivals with no batch end in between
         self.last_done = -math.inf  # when a batch last finished (its answers are going out)
         self.echo: float | None = None  # learned: seconds from a batch finishing to the next arrival
         self._awaiting_echo = False
@@ -213,21 +215,9 @@ class Batcher:
     async def submit(self, value: Any, deadline: float) -> Any:
         """Queue one request's input; its result comes back cut from the batch it ran in."""
         items = self.count_items(value)
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = clock()
         self.admit(items, now)
-        self.rate.add(items, now)
-        self.last_arrival = now
-        if self._awaiting_echo:
-            self._awaiting_echo = False
-            delay = now - self.last_done
-            if delay < 0.1:
-                self.echo = delay if self.echo is None else self.echo + 0.2 * (delay - self.echo)
-        if self._returning > 0:
-            self._returning -= items
-            delay = now - self.last_done
-            if self._returning <= 0 and delay < 0.1:
-                self.echo_all = delay if self.echo_all is None else self.echo_all + 0.2 * (delay - self.echo_all)
+        self.learn_arrival(items, now)
         if items <= self.max_batch:
             return await self._enqueue(value, items, now, deadline)
         # Bigger than a batch: cut into full batches and put the answers back together in order.
@@ -239,6 +229,25 @@ class Batcher:
             if isinstance(part, BaseException):
                 raise part
         return self._concat(parts, self.out_dim)
+
+    def learn_arrival(self, items: int, now: float) -> None:
+        """Update what the dispatcher knows of the traffic with ``items`` arriving at ``now``: the rate, the
+        gap between arrivals that follow each other, and how soon clients send again after a batch ended."""
+        self.rate.add(items, now)
+        if self.last_arrival > self.last_done:  # both arrived since the last batch ended: a gap within a stream
+            gap = now - self.last_arrival
+            self.gap = gap if self.gap is None else self.gap + 0.2 * (gap - self.gap)
+        self.last_arrival = now
+        if self._awaiting_echo:
+            self._awaiting_echo = False
+            delay = now - self.last_done
+            if delay < 0.1:
+                self.echo = delay if self.echo is None else self.echo + 0.2 * (delay - self.echo)
+        if self._returning > 0:
+            self._returning -= items
+            delay = now - self.last_done
+            if self._returning <= 0 and delay < 0.1:
+                self.echo_all = delay if self.echo_all is None else self.echo_all + 0.2 * (delay - self.echo_all)
 
     def admit(self, items: int, now: float) -> None:
         """Refuse (429) a request of ``items`` the queue cannot take now or cannot answer within the budget.
@@ -280,12 +289,12 @@ class Batcher:
         # Its own batch also takes what arrives before it starts: under steady traffic it runs full, and a
         # full batch takes longer than the part of it queued now.
         ahead = (rounds - 1) * full + self._running_left()
-        own = min(cap, total - (batches - 1) * cap + self.rate.get(asyncio.get_running_loop().time()) * ahead)
+        own = min(cap, total - (batches - 1) * cap + self.rate.get(clock()) * ahead)
         return (rounds - 1) * full + self.model.predict(math.ceil(own))
 
     def _running_left(self) -> float:
         if self.busy >= max(1, len(self.pool.instances)) and self._finishing:
-            return max(0.0, min(self._finishing.values()) - asyncio.get_running_loop().time())
+            return max(0.0, min(self._finishing.values()) - clock())
         return 0.0
 
     async def _enqueue(self, value: Any, items: int, now: float, deadline: float) -> Any:
@@ -334,7 +343,7 @@ class Batcher:
     def _live_head(self) -> Pending | None:
         """Drop dead and expired requests from the front of the queue; return the first live one."""
         queue = self.queue
-        now = asyncio.get_running_loop().time()
+        now = clock()
         while queue:
             head = queue[0]
             if head.dead or head.future.done():
@@ -383,7 +392,9 @@ class Batcher:
         ``waited`` is how long the oldest queued request has waited for an instance (counted from when it
         arrived, or from when the last batch finished if it arrived while that batch ran: the admission
         promise starts there too). Under heavy traffic, keep the batch open while items keep streaming in
-        (the gap since the last arrival is under two mean inter-arrival gaps) and, right after a batch
+        (the time since the last arrival is under twice the learned gap between arrivals that follow each
+        other: arrivals come in bursts, and the mean gap over a whole batch cycle, long idle stretch
+        included, would hold a batch open long after the burst ended) and, right after a batch
         finished, for the answers just sent to come back as new requests (closed-loop clients: twice the
         learned delay between a batch finishing and the next arrival), but never past the point where the
         oldest request's wait plus the batch's predicted execution would exceed the budget."""
@@ -395,7 +406,7 @@ class Batcher:
         if rate * run_now < 1.0:  # light traffic: nobody else is coming soon
             return 0.0
         slack = self.budget - waited - self.model.predict(target)
-        gap = min(max(2.0 / rate, 0.0002), run_now)
+        gap = min(max(2.0 * self.gap if self.gap is not None else 2.0 / rate, 0.0002), run_now)
         until = self.last_arrival + gap
         if self._awaiting_echo and self.echo is not None:
             until = max(until, self.last_done + min(2.0 * self.echo, run_now))
@@ -409,15 +420,18 @@ class Batcher:
             head = self._live_head()
             if head is None:
                 return []
-            now = loop.time()
+            now = clock()
             wait = self.wait_time(self.queued_items, now - max(head.arrival, self.last_done), now)
             if wait <= 0.0001:
                 break
+            # Until the next arrival or the end of the wait, whichever comes first; then re-evaluate. (A timer
+            # setting the event costs far less than asyncio.wait_for, which wraps the wait in a new task.)
             self._arrived.clear()
+            timer = loop.call_later(wait, self._arrived.set)
             try:
-                await asyncio.wait_for(self._arrived.wait(), wait)
-            except asyncio.TimeoutError:
-                pass  # re-evaluate: the gap or the budget ran out, or more arrived just now
+                await self._arrived.wait()
+            finally:
+                timer.cancel()
         return self._take(self.batch_cap())
 
     def _take(self, size: int) -> list[Pending]:
@@ -440,17 +454,16 @@ class Batcher:
         """Run ``batch`` on ``instance``, then, while a full batch is already queued and no other API waits for
         an instance, the next one on the same instance at once: handing the instance back to the dispatcher
         costs several event-loop turns (milliseconds under load) during which the model would sit idle."""
-        loop = asyncio.get_running_loop()
         key = id(instance)
         try:
             while batch:
-                now = loop.time()
+                now = clock()
                 for p in batch:
                     self._queue_wait(now - p.arrival)
                 items = sum(p.items for p in batch)
                 self._finishing[key] = now + self.model.predict(items)
                 await self._execute(instance, batch)
-                self.last_done = loop.time()
+                self.last_done = clock()
                 self._awaiting_echo = True
                 self._returning = items
                 batch = [] if self.pool.others_waiting(self) else self._take_full()

@@ -6,7 +6,6 @@ limit, decode and validate, run on an instance under the deadline, encode. Every
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 import os
@@ -118,7 +117,7 @@ class APIEndpoint:
                 f"service {state.spec.name!r} is at its limit of {state.max_concurrency} concurrent requests", 1
             )
         if self.batcher is not None:
-            self.batcher.admit(1, asyncio.get_running_loop().time())
+            self.batcher.admit(1, time.monotonic())
         elif self.in_flight > state.max_queue:
             raise too_many_requests(
                 f"API {self.name!r} has {self.in_flight - 1} requests in progress, its limit (max_queue)", 1, "queue_full"
@@ -212,7 +211,7 @@ class APIEndpoint:
     async def _batched(self, receive: Receive | None, kwargs: dict[str, Any], timeout: float) -> Any:
         """Queue the input in the API's batcher; stop waiting if the deadline passes or the client goes away."""
         assert self.batcher is not None
-        deadline = asyncio.get_running_loop().time() + timeout
+        deadline = time.monotonic() + timeout  # the batcher's clock
         try:
             return await self.state.watchdog.run(
                 self.batcher.submit(kwargs[self.config.params[0]], deadline), timeout, receive

@@ -251,27 +251,62 @@ def test_an_api_kept_busy_does_not_starve_another_on_the_same_instance(start_ser
     assert max(took) < 0.6, f"/negate waited {max(took):.2f} s behind /double's flood"
 
 
-def test_predicted_wait_counts_the_items_that_will_join_the_batch_before_it_runs() -> None:
-    # Under steady traffic a request's batch is filled up to the cap by later arrivals before an instance is
-    # free for it, and a full batch takes longer than the part of it queued now.
+def _batched_double():  # type: ignore[no-untyped-def]
     module_spec = importlib.util.spec_from_file_location("batched_service", SERVICES / "batched.py")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     spec = get_spec(module.Batched)
-    config = next(e.config for e in spec.apis if e.attr == "double")
+    return spec, next(e.config for e in spec.apis if e.attr == "double")
 
+
+SPEC, CONFIG = _batched_double()
+
+
+def test_predicted_wait_counts_the_items_that_will_join_the_batch_before_it_runs() -> None:
+    # Under steady traffic a request's batch is filled up to the cap by later arrivals before an instance is
+    # free for it, and a full batch takes longer than the part of it queued now.
     async def check() -> None:
-        batcher = Batcher(ServerState(spec, ServeOptions()), "double", config, False, 64)
+        batcher = Batcher(ServerState(SPEC, ServeOptions()), "double", CONFIG, False, 64)
         for size, seconds in ((1, 0.010), (8, 0.050)):
             batcher.model.observe(size, seconds)
         batcher.queued_items = 2
         assert batcher.predicted_wait(1) == pytest.approx(batcher.model.predict(3))  # nothing else arriving
-        now = asyncio.get_running_loop().time()
+        now = time.monotonic()  # the batcher's clock
         batcher.rate.add(400, now)  # 1600 items/s
         batcher.busy, batcher._finishing = 1, {0: now + 0.04}  # the one instance runs a batch for 40 ms more
         assert batcher.predicted_wait(1) == pytest.approx(0.050, rel=0.01)  # its batch will be full
         batcher.queued_items = 10  # a full batch ahead, then its own (full too)
         assert batcher.predicted_wait(1) == pytest.approx(0.100, rel=0.01)
+
+    asyncio.run(check())
+
+
+def test_a_burst_that_ended_is_not_waited_for_as_if_the_stream_went_on() -> None:
+    # 16 closed-loop clients: after each batch their 16 requests come back 50 us apart, then nothing until
+    # that batch ends. Once all are in, the batch must go (it used to wait 2 / rate = 2.5 ms more).
+    async def check() -> None:
+        batcher = Batcher(ServerState(SPEC, ServeOptions()), "double", CONFIG, False, 64)
+        for size, seconds in ((1, 0.003), (8, 0.010)):
+            batcher.model.observe(size, seconds)
+        batcher.max_batch = 64
+        start = time.monotonic() - 1.0
+        t = start
+        for _ in range(60):  # a minute of cycles: a batch of 16 ends, the 16 come back
+            batcher.last_done, batcher._returning = t, 16
+            for i in range(16):
+                t += 0.0015 if i == 0 else 0.00005
+                batcher.learn_arrival(1, t)
+            t += 0.012  # the next batch runs
+        batcher.last_done, batcher._returning = t, 16
+        for i in range(16):
+            t += 0.0015 if i == 0 else 0.00005
+            batcher.learn_arrival(1, t)
+        assert 700 < batcher.rate.get(t) < 1300  # the mean rate: 16 items per ~14 ms cycle
+        assert batcher.gap == pytest.approx(0.00005, rel=0.2)
+        assert batcher.wait_time(16, waited=0.0023, now=t + 0.0003) == 0.0  # over: flush
+        assert batcher.wait_time(16, waited=0.0023, now=t) > 0.0  # just arrived: a moment for the next one
+        batcher._returning = 4  # 4 have not come back yet: wait for them
+        assert batcher.wait_time(12, waited=0.0023, now=t + 0.0003) > 0.0
 
     asyncio.run(check())
 
