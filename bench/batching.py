@@ -155,7 +155,7 @@ def main() -> None:
         r, near = by_c[64], around[64]
         bound = args.max_latency_ms + near["batch64_ms"]
         print(f"target 64 clients: >= 0.70 of the ceiling measured around the run ({near['items_per_s']:.0f} items/s) "
-              f"-> {r['items_per_s'] / near['items_per_s']:.2f}; p99 <= {bound:.1f} ms -> {r['p99']:.1f}; "
+              f"-> {r['items_per_s'] / near['items_per_s']:.3f}; p99 <= {bound:.1f} ms -> {r['p99']:.1f}; "
               f"rejections 0 -> {r['non200']}")
     if 1 in by_c:
         direct = around[1]["batch1_ms"]
