@@ -262,13 +262,19 @@ def _batched_double():  # type: ignore[no-untyped-def]
 SPEC, CONFIG = _batched_double()
 
 
+def learned_batcher(*observed: tuple[int, float]) -> Batcher:
+    """A batcher of Batched.double (built in a running loop) whose latency model has seen these executions."""
+    batcher = Batcher(ServerState(SPEC, ServeOptions()), "double", CONFIG, False, 64)
+    for size, seconds in observed:
+        batcher.model.observe(size, seconds)
+    return batcher
+
+
 def test_predicted_wait_counts_the_items_that_will_join_the_batch_before_it_runs() -> None:
     # Under steady traffic a request's batch is filled up to the cap by later arrivals before an instance is
     # free for it, and a full batch takes longer than the part of it queued now.
     async def check() -> None:
-        batcher = Batcher(ServerState(SPEC, ServeOptions()), "double", CONFIG, False, 64)
-        for size, seconds in ((1, 0.010), (8, 0.050)):
-            batcher.model.observe(size, seconds)
+        batcher = learned_batcher((1, 0.010), (8, 0.050))
         batcher.queued_items = 2
         assert batcher.predicted_wait(1) == pytest.approx(batcher.model.predict(3))  # nothing else arriving
         now = time.monotonic()  # the batcher's clock
@@ -285,22 +291,16 @@ def test_a_burst_that_ended_is_not_waited_for_as_if_the_stream_went_on() -> None
     # 16 closed-loop clients: after each batch their 16 requests come back 50 us apart, then nothing until
     # that batch ends. Once all are in, the batch must go (it used to wait 2 / rate = 2.5 ms more).
     async def check() -> None:
-        batcher = Batcher(ServerState(SPEC, ServeOptions()), "double", CONFIG, False, 64)
-        for size, seconds in ((1, 0.003), (8, 0.010)):
-            batcher.model.observe(size, seconds)
+        batcher = learned_batcher((1, 0.003), (8, 0.010))
         batcher.max_batch = 64
-        start = time.monotonic() - 1.0
-        t = start
-        for _ in range(60):  # a minute of cycles: a batch of 16 ends, the 16 come back
+        t = time.monotonic() - 1.0
+        for cycle in range(61):  # cycles of a batch of 16 ending, then the 16 coming back
+            if cycle:
+                t += 0.012  # the batch runs
             batcher.last_done, batcher._returning = t, 16
             for i in range(16):
                 t += 0.0015 if i == 0 else 0.00005
                 batcher.learn_arrival(1, t)
-            t += 0.012  # the next batch runs
-        batcher.last_done, batcher._returning = t, 16
-        for i in range(16):
-            t += 0.0015 if i == 0 else 0.00005
-            batcher.learn_arrival(1, t)
         assert 700 < batcher.rate.get(t) < 1300  # the mean rate: 16 items per ~14 ms cycle
         assert batcher.gap == pytest.approx(0.00005, rel=0.2)
         assert batcher.wait_time(16, waited=0.0023, now=t + 0.0003) == 0.0  # over: flush
