@@ -1,7 +1,8 @@
-"""Request decoding: the fast path for float arrays of declared rank gives exactly what the general path gives.
+"""Request decoding: the fast paths for float arrays of declared rank give exactly what the general path gives.
 
-The served behaviour (status codes, messages over HTTP) is tested in test_app.py and test_v2.py; this checks the
-two decoders against each other on the same bodies, values and errors alike.
+Two fast paths: simdjson when every input of the API is such an array, typed msgspec lists otherwise. The served
+behaviour (status codes, messages over HTTP) is tested in test_app.py and test_v2.py; this checks the decoders
+against each other on the same bodies, values and errors alike.
 """
 
 from __future__ import annotations
@@ -26,6 +27,16 @@ class Arrays:
         return x
 
     @bl.api
+    def f32_only(self, x: Annotated[np.ndarray, bl.Shape(-1, 3), bl.DType("float32")]) -> np.ndarray:
+        return x
+
+    @bl.api
+    def two(
+        self, x: Annotated[np.ndarray, bl.Shape(-1, 3), bl.DType("float32")], y: Annotated[np.ndarray, bl.Shape(2), bl.DType("float64")]
+    ) -> np.ndarray:
+        return x
+
+    @bl.api
     def f16(self, x: Annotated[np.ndarray, bl.Shape(2), bl.DType("float16")]) -> np.ndarray:
         return x
 
@@ -40,11 +51,21 @@ def codec(name: str) -> InputCodec:
 
 
 def general(c: InputCodec, body: bytes) -> dict[str, Any]:
-    fast, c._fast_decoder = c._fast_decoder, None
+    saved = c._simd, c._fast_decoder
+    c._simd, c._fast_decoder = False, None
     try:
         return c.decode_json(body)
     finally:
-        c._fast_decoder = fast
+        c._simd, c._fast_decoder = saved
+
+
+def fast(c: InputCodec, body: bytes) -> dict[str, Any] | None:
+    """What the codec's fast path makes of the body (None: it leaves it to the general path)."""
+    return c._decode_simd(body) if c._simd else c._decode_fast(body)
+
+
+def test_apis_of_arrays_only_take_the_simdjson_path_and_others_the_msgspec_one() -> None:
+    assert [codec(api)._simd for api in ("f32_only", "two", "f16", "f64_3d", "f32")] == [True] * 4 + [False]
 
 
 def outcome(fn, *args) -> Any:
@@ -65,6 +86,10 @@ assert 3 * len(WIDE) > codecs._PACK_MAX  # past the size up to which values are 
     ("api", "x"),
     [
         ("f32", [[0.1, 0.2, 0.3]]),
+        ("f32_only", [[0.1, 0.2, 0.3]]),
+        ("f32_only", [[1, 2, 3], [4.5, -6, 7e-3]]),
+        ("f32_only", [[3.4028234e38, -1e-45, 16777217]]),
+        ("f32_only", WIDE),
         ("f32", [[1, 2, 3], [4.5, -6, 7e-3]]),  # ints mixed in
         ("f32", [[3.4028234e38, -1e-45, 16777217]]),  # float32 extremes round the same way
         ("f32", WIDE),
@@ -77,7 +102,7 @@ def test_fast_path_matches_the_general_path_on_valid_input(api: str, x: list) ->
     assert c._fast_decoder is not None
     body = json.dumps({"x": x}).encode()
     fast_args, slow_args = c.decode_json(body), general(c, body)
-    assert c._decode_fast(body) is not None  # the fast path did the work
+    assert fast(c, body) is not None  # the fast path did the work
     got, want = fast_args["x"], slow_args["x"]
     assert got.dtype == want.dtype and got.shape == want.shape
     np.testing.assert_array_equal(got, want)
@@ -95,6 +120,18 @@ def test_fast_path_matches_the_general_path_on_valid_input(api: str, x: list) ->
         ("f32", []),
         ("f32", [[]]),
         ("f32", "[[1, 2, 3]]"),  # an array as JSON text (as a form field sends it)
+        ("f32_only", [[1e300, 1, 2]]),
+        ("f32_only", [[1, 2], [3]]),
+        ("f32_only", [[1, [2], 3]]),  # nested deeper than its rank, as many numbers as its shape
+        ("f32_only", [[1, 2, 3], [4, 5]]),
+        ("f32_only", [[1, None, 2]]),
+        ("f32_only", [[True, 1, 2]]),
+        ("f32_only", [["1", "2", "3"]]),
+        ("f32_only", [[{"a": 1}, 2, 3]]),
+        ("f32_only", [[100000000000000000000, 1, 2]]),  # an integer beyond 64 bits
+        ("f32_only", []),
+        ("f32_only", [[]]),
+        ("f32_only", "[[1, 2, 3]]"),
         ("f16", [70000, 1]),  # beyond float16
         ("f64_3d", [[[1, 2], [3]]]),
     ],
@@ -102,15 +139,44 @@ def test_fast_path_matches_the_general_path_on_valid_input(api: str, x: list) ->
 def test_what_the_fast_path_does_not_take_as_it_is_goes_the_general_way(api: str, x: Any) -> None:
     c = codec(api)
     body = json.dumps({"x": x}).encode()
-    assert c._decode_fast(body) is None
+    assert fast(c, body) is None
     assert outcome(c.decode_json, body) == outcome(general, c, body)
 
 
-def test_a_wrong_shape_is_refused_in_the_same_words() -> None:
-    c = codec("f32")
+@pytest.mark.parametrize("api", ["f32", "f32_only"])
+def test_a_wrong_shape_is_refused_in_the_same_words(api: str) -> None:
+    c = codec(api)
     body = b'{"x": [[1, 2, 3, 4]]}'
     assert outcome(c.decode_json, body) == outcome(general, c, body)
     assert outcome(c.decode_json, body) == (422, "Expected an array of shape (*, 3), got shape (1, 4) (at $.x)")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"x": [[1, 2, 3]], "y": [0.5, 2]}',
+        b'{"y": [0.5, 2], "x": [[1, 2, 3], [4, 5, 6]]}',
+        b'{"x": [[1, 2, 3]]}',  # y missing
+        b'{"x": [[1, 2, 3]], "y": [0.5, 2], "z": 1}',  # unknown field
+        b'{"x": [[1, 2, 3]], "x": [[4, 5, 6]], "y": [1, 2]}',  # a field twice
+        b'{"x": [[1, 2, 3]], "y": [[1, 2]]}',  # y nested deeper than its rank
+        b'{"x": [[1, 2, 3]], "y": [1, 2]',  # truncated
+        b'[1, 2]',
+    ],
+)
+def test_several_arrays_decode_the_same_way_on_the_simdjson_path(body: bytes) -> None:
+    c = codec("two")
+    assert outcome(c.decode_json, body) == outcome(general, c, body)
+
+
+def test_the_simdjson_parser_recovers_when_a_document_of_it_is_still_referenced() -> None:
+    c = codec("f32_only")
+    assert c._parser is not None
+    kept = c._parser.parse(b'[1]')  # as a traceback holding a frame could keep one alive
+    body = b'{"x": [[1, 2, 3]]}'
+    assert outcome(c.decode_json, body) == outcome(general, c, body)  # this one goes the general way
+    del kept
+    assert fast(c, body) is not None  # and the path is fast again
 
 
 def test_other_fields_decode_the_same_way_on_the_fast_path() -> None:
