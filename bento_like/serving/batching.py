@@ -23,6 +23,7 @@ import asyncio
 import bisect
 import logging
 import math
+import os
 import time
 import uuid
 from collections import deque
@@ -37,6 +38,9 @@ from .instances import Instance, InstancePool
 
 log = logging.getLogger("bento_like.serving")
 
+
+INLINE_BATCH_S = 0.005
+"""A lone batch predicted to take at most this long may run on the event loop's thread (see ``_call``)."""
 
 LAG_SHARE = 0.25
 """At most this share of max_latency_ms is set aside for the event loop's lag at admission."""
@@ -155,6 +159,8 @@ class Batcher:
         self._cap_seconds = 0.0  # predicted execution of a batch of _cap
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.inline_max = 0.0 if os.environ.get("BENTO_LIKE_INLINE_MS", "1").strip() in ("0", "0.0") else INLINE_BATCH_S
+        self._loop_threads_limited = False
         labels = (config.name,)
         metrics = state.metrics
         self._batch_size = lambda n: metrics.batch_size.observe(labels, n)
@@ -192,9 +198,46 @@ class Batcher:
             ", ".join(f"batch {n}: {self.model.predict(n) * 1000:.2f} ms" for n in sizes),
         )
 
-    def _call(self, instance: Instance, inputs: Any) -> Any:
+    def _call(self, instance: Instance, inputs: Any, items: int | None = None) -> Any:
+        """Run ``inputs`` (a batch of ``items``; None: a warm-up run) on ``instance``; an awaitable result."""
         method = getattr(instance.obj, self.attr)
-        return method(inputs) if self.is_async else instance.batch_runner.submit(method, inputs)
+        if self.is_async:
+            return method(inputs)
+        if items is not None and self._lone(instance, items):
+            # Handing the batch to the instance's thread and back costs two wake-ups, each slow right after the
+            # model streamed its weights through the caches (60 and 90 us measured with the bench MLP): for a
+            # lone request that is most of what serving adds to the call.
+            if not self._loop_threads_limited:
+                instance.limit_threads()
+                self._loop_threads_limited = True
+            done = asyncio.get_running_loop().create_future()
+            started = time.perf_counter()
+            try:
+                done.set_result(method(inputs))
+            finally:
+                # Far slower than predicted (an input the model takes much longer on): never again. Merely slow
+                # calls (a busy machine) raise the learned time, which stops inlining while it stays high.
+                if time.perf_counter() - started > 4 * self.inline_max:
+                    self.inline_max = 0.0
+                    log.info("API %r: a lone batch took over %g ms; batches run on instance threads from now on",
+                             self.config.name, 4 * INLINE_BATCH_S * 1000)
+            return done
+        return instance.batch_runner.submit(method, inputs)
+
+    def _lone(self, instance: Instance, items: int) -> bool:
+        """Whether a batch may run on the event loop's thread: the server has no other request in progress (so
+        nothing waits unseen while the loop is busy, and a burst's next requests, read once the loop is free,
+        see this one in progress and queue), there is one CPU instance (no idle instance kept from work), and
+        the batch is predicted to be short (at most ``INLINE_BATCH_S``)."""
+        return (
+            self.state.in_flight == 1
+            and not self.queued_items
+            and self.inline_max > 0
+            and instance.device == "cpu"
+            and len(self.pool.instances) == 1
+            and bool(self.model.sizes)
+            and self.model.predict(items) <= self.inline_max
+        )
 
     # -- requests ---------------------------------------------------------------------------------------
 
@@ -490,7 +533,7 @@ class Batcher:
         started = time.perf_counter()
         try:
             inputs = live[0].value if len(live) == 1 else self._concat([p.value for p in live], self.in_dim)
-            result = await self._call(instance, inputs)
+            result = await self._call(instance, inputs, total)
             parts = self._split(result, sizes)
         except Exception as exc:
             if len(live) == 1:
