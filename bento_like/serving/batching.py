@@ -23,7 +23,6 @@ import asyncio
 import bisect
 import logging
 import math
-import os
 import time
 import uuid
 from collections import deque
@@ -34,7 +33,7 @@ import numpy as np
 
 from ..sdk.api import APIConfig
 from .errors import HTTPError, too_many_requests
-from .instances import Instance, InstancePool
+from .instances import Instance, InstancePool, inline_ms
 
 log = logging.getLogger("bento_like.serving")
 
@@ -159,7 +158,7 @@ class Batcher:
         self._cap_seconds = 0.0  # predicted execution of a batch of _cap
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.inline_max = 0.0 if os.environ.get("BENTO_LIKE_INLINE_MS", "1").strip() in ("0", "0.0") else INLINE_BATCH_S
+        self.inline_max = INLINE_BATCH_S if inline_ms() > 0 else 0.0
         self._loop_threads_limited = False
         labels = (config.name,)
         metrics = state.metrics

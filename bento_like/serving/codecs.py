@@ -126,7 +126,7 @@ class InputCodec:
         # An API whose inputs are all such arrays (the usual tensor API) skips building Python floats at all:
         # simdjson parses the body and copies each array's numbers out as one buffer.
         self._simd = _simdjson is not None and bool(self._float_arrays) and len(self._float_arrays) == len(params)
-        self._parser = _simdjson.Parser() if self._simd and _simdjson is not None else None
+        self._parser = _simdjson.Parser() if self._simd else None
         self._fast_decoder = None
         if self._float_arrays:
             typed = {p.name: _nested_list(float, depth) for p, depth, _, _ in self._float_arrays}
@@ -370,11 +370,10 @@ def _rectangular_shape(value: Any, depth: int) -> list[int] | None:
     level = [value]
     for _ in range(depth - 1):
         level = [item for array in level for item in array]
-        try:
-            widths = {len(item) for item in level if isinstance(item, _simdjson.Array)}
-        except TypeError:
+        if not all(isinstance(item, _simdjson.Array) for item in level):
             return None
-        if len(widths) != 1 or any(not isinstance(item, _simdjson.Array) for item in level):
+        widths = {len(item) for item in level}
+        if len(widths) != 1:
             return None
         shape.append(widths.pop())
     return shape if all(shape) else None

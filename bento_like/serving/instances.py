@@ -48,6 +48,12 @@ def _cuda_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def inline_ms() -> float:
+    """``BENTO_LIKE_INLINE_MS``: how short a sync call must be to run on the event loop's thread (1 ms by
+    default); 0 keeps every call on its instance's threads."""
+    return float(os.environ.get("BENTO_LIKE_INLINE_MS", "1"))
+
+
 _STOP = object()
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 import time
 import uuid
 from typing import Any, Awaitable, Callable
@@ -31,6 +30,7 @@ from .codecs import (
 )
 from .deadlines import ClientGone
 from .errors import HTTPError, too_many_requests, unavailable
+from .instances import inline_ms
 
 log = logging.getLogger("bento_like.serving")
 
@@ -56,7 +56,7 @@ class APIEndpoint:
         # A sync API whose calls have all taken well under a millisecond runs a lone request on the loop's
         # thread: the hand-off to an instance thread and back (two cross-CPU wake-ups) costs more than the call.
         # One call slower than that (on a thread or inline) turns this off for good for the API.
-        self.inline_max = min(float(os.environ.get("BENTO_LIKE_INLINE_MS", "1")), 1.0) / 1000.0
+        self.inline_max = min(inline_ms(), 1.0) / 1000.0
         self.fast_calls = 0  # calls observed, all within inline_max; -1 once one was not
         self._labels = (config.name,)
         self._status_labels: dict[int, tuple[str, str]] = {}
