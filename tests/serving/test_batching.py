@@ -16,6 +16,7 @@ import pytest
 from bento_like.sdk.service import get_spec
 from bento_like.serving.app import ServerState, ServeOptions
 from bento_like.serving.batching import Batcher, LatencyModel
+from bento_like.serving.errors import HTTPError
 
 SERVICES = Path(__file__).parent / "services"
 
@@ -283,6 +284,35 @@ def test_predicted_wait_counts_the_items_that_will_join_the_batch_before_it_runs
         assert batcher.predicted_wait(1) == pytest.approx(0.050, rel=0.01)  # its batch will be full
         batcher.queued_items = 10  # a full batch ahead, then its own (full too)
         assert batcher.predicted_wait(1) == pytest.approx(0.100, rel=0.01)
+
+    asyncio.run(check())
+
+
+def test_under_sustained_overload_requests_that_would_wait_for_the_running_batch_are_refused() -> None:
+    # Budget 1 s, a full batch (8) takes 0.4 s. A request arriving while the one instance still has 0.7 s of a
+    # batch to run would be answered in about 1.1 s: over the budget, within budget + one batch.
+    async def check() -> None:
+        batcher = learned_batcher((1, 0.05), (8, 0.4))
+        now = time.monotonic()
+        batcher.rate.add(100, now)  # arrivals now fill a batch before the instance is free
+        batcher.busy, batcher._finishing = 1, {0: now + 0.7}
+        batcher.sustained.add(16, now)  # a burst on a quiet server (16/s over the last second): served
+        batcher.admit(1, now)
+        batcher.sustained.add(100, now)  # ~116/s offered for ~20/s of capacity: overload
+        with pytest.raises(HTTPError) as refused:
+            batcher.admit(1, now)
+        assert refused.value.status == 429 and refused.value.reason == "latency"
+        assert "overloaded" in refused.value.message and int(refused.value.headers["Retry-After"]) >= 1
+        batcher._finishing = {0: now + 0.3}  # near the running batch's end: answered within the budget
+        batcher.admit(1, now)
+        # When a full batch takes nearly the whole budget, too few arrive near the end of the running batch to
+        # fill the next one: refusing early arrivals would cost throughput, so they are admitted (the promise
+        # is then the budget plus one batch).
+        slow = learned_batcher((1, 0.05), (8, 0.95))
+        slow.rate.add(100, now)
+        slow.sustained.add(100, now)
+        slow.busy, slow._finishing = 1, {0: now + 0.7}
+        slow.admit(1, now)
 
     asyncio.run(check())
 
