@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0)
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1, 0.125,
+    0.15, 0.2, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0,
+)  # fine between 10 and 100 ms, where batching latency bounds usually lie
 
 
 def _labels(names: tuple[str, ...], values: tuple[str, ...], extra: str = "") -> str:
@@ -108,7 +111,11 @@ class Registry:
             Counter("bento_like_requests_total", "HTTP requests answered, by API and status code", ("api", "status"))
         )
         self.latency = self.add(
-            Histogram("bento_like_request_duration_seconds", "Time from request start to response, by API", ("api",))
+            Histogram(
+                "bento_like_request_duration_seconds",
+                "Time from request start to response, by API and status code",
+                ("api", "status"),
+            )
         )
         self.in_flight = self.add(Gauge("bento_like_requests_in_flight", "Requests being handled now, by API", ("api",)))
         self.rejections = self.add(

@@ -186,7 +186,7 @@ def test_health_metrics_and_docs(http: httpx.Client) -> None:
     http.post("/tag", json={"item": {"text": "m"}})
     metrics = http.get("/metrics").text
     assert re.search(r'bento_like_requests_total\{api="tag",status="200"\} \d+', metrics)
-    assert 'bento_like_request_duration_seconds_bucket{api="tag",le="+Inf"}' in metrics
+    assert 'bento_like_request_duration_seconds_bucket{api="tag",status="200",le="+Inf"}' in metrics
     assert "bento_like_requests_in_flight" in metrics
     spec = http.get("/openapi.json").json()
     op = spec["paths"]["/predict"]["post"]
