@@ -144,6 +144,7 @@ class Batcher:
         self.max_queue = max_queue
         self.model = LatencyModel()
         self.rate = ArrivalRate()
+        self.excess = 0.0  # learned: seconds by which large batches ran over their prediction (mean of the excess)
         self.sustained = ArrivalRate(tau=1.0)  # items offered, refused ones too, over about a second
         self.last_arrival = 0.0
         self.gap: float | None = None  # learned: seconds between arrivals with no batch end in between
@@ -322,10 +323,10 @@ class Batcher:
         of it would turn away a burst that the next batch serves in time), so what a client sees is bounded by
         max_latency_ms plus at most one batch's execution.
 
-        Under sustained overload a request that would wait for the running batch and then its own, over the
-        budget, is refused too when later arrivals are expected to fill the next batch anyway (see
-        ``_refill_expected``): then what is accepted is answered within max_latency_ms plus the loop's lag, at
-        the same throughput.
+        Under sustained overload that bound is kept for the slow batches too: a request that would wait for
+        the running batch and then its own beyond max_latency_ms plus one batch, counting its own batch as
+        slow as large batches have run lately (three times ``excess``), is refused when later arrivals are expected to fill the
+        next batch anyway (``_refill_expected``): the same throughput, and a tail that keeps the bound.
 
         The runtime calls it once before reading the body (``offer``), and again with the real item count."""
         name = self.config.name
@@ -346,28 +347,31 @@ class Batcher:
                 "latency",
             )
         left = self._running_left()
-        if left > 0.0 and predicted + left > self.budget and self._refill_expected(items, now, predicted):
-            raise too_many_requests(
-                f"API {name!r} is overloaded: it would answer in about {(predicted + left) * 1000:.0f} ms behind the "
-                f"batch running now, over its max_latency_ms of {self.config.max_latency_ms:g}",
-                predicted + left - self.budget,
-                "latency",
-            )
+        if left > 0.0:
+            # Under sustained overload its own batch will be full, and may run as slow as batches have lately.
+            slow = max(predicted, self._cap_seconds + self._lag_allowance()) + 3.0 * self.excess
+            bound = self.budget + self._cap_seconds
+            if left + slow > bound and self._refill_expected(items, now, bound - slow):
+                raise too_many_requests(
+                    f"API {name!r} is overloaded: it would answer in about {(left + slow) * 1000:.0f} ms behind the "
+                    f"batch running now, over its max_latency_ms of {self.config.max_latency_ms:g} plus one batch",
+                    left + slow - bound,
+                    "latency",
+                )
 
-    def _refill_expected(self, items: int, now: float, predicted: float) -> bool:
-        """Whether, under sustained overload, requests arriving once the running batch is nearly done are
-        expected to fill the next batch on their own, so refusing this one (which would wait for the running
-        batch and then its own, over the budget) costs no throughput.
+    def _refill_expected(self, items: int, now: float, window: float) -> bool:
+        """Whether, under sustained overload, requests arriving in the last ``window`` seconds of the running
+        batch are expected to fill the next batch on their own, so refusing this one (which would wait for
+        the running batch and then its own, beyond the bound) costs no throughput.
 
-        Sustained overload: over about the last second, items arrived faster than the instances can serve
-        full batches (a burst on a quiet server does not count: the requests expected to take its place
-        would never come). The window is the end of the running batch, in which a request arriving is
-        answered within the budget; enough must be expected to arrive in it to fill the rest of the batch."""
+        Sustained overload: over about the last second, items were offered faster than the instances can
+        serve full batches (a burst on a quiet server does not count: the requests expected to take its
+        place would never come)."""
         cap = self.batch_cap()
         rate = self.sustained.get(now)
         if rate * self._cap_seconds <= OVERLOAD * cap * len(self.pool.instances):
             return False
-        return rate * (self.budget - predicted) >= cap - self.queued_items - items
+        return rate * window >= cap - self.queued_items - items
 
     def predicted_wait(self, items: int) -> float:
         """Seconds from the moment an instance is free until a request of ``items`` arriving now is answered,
@@ -598,7 +602,6 @@ class Batcher:
         live = []
         total = 0
         for p in batch:
-            self._queue_wait(now - p.arrival)
             if not p.future.done():
                 live.append(p)
                 total += p.items
@@ -608,6 +611,8 @@ class Batcher:
             self._finishing[id(instance)] = now + self.model.predict(total)
         self._last_items = total
         if self.is_async or (inline and self._lone(instance, total)):
+            for p in live:
+                self._queue_wait(now - p.arrival)
             return self._execute(instance, live)
         done = asyncio.get_running_loop().create_future()
         method = getattr(instance.obj, self.attr)
@@ -628,20 +633,27 @@ class Batcher:
             self._next_items[key] = self._last_items
             self.prefetched_items += self._last_items  # counted as queued, ahead of everything queued
 
-    def _batch_job(self, method: Any, live: list[Pending], total: int) -> tuple[list[Any], float]:
-        """On the instance's thread: put the batch together, run it, cut the result per request."""
+    def _batch_job(self, method: Any, live: list[Pending], total: int) -> tuple[list[Any], float, float]:
+        """On the instance's thread: put the batch together, run it, cut the result per request; with the
+        seconds it ran and when it began (``clock``)."""
         inputs = live[0].value if len(live) == 1 else self._concat([p.value for p in live], self.in_dim)
+        began = clock()
         started = time.perf_counter()
         result = method(inputs)
         elapsed = time.perf_counter() - started
-        return self._split(result, [p.items for p in live]), elapsed
+        return self._split(result, [p.items for p in live]), elapsed, began
 
     def _batch_done(self, instance: Instance, live: list[Pending], done: asyncio.Future[None], ok: bool, value: Any) -> None:
         """On the loop: answer the requests of a batch the instance's thread ran (or bisect it, if it raised)."""
         try:
             if ok:
-                parts, elapsed = value
+                parts, elapsed, began = value
                 total = sum(p.items for p in live)
+                for p in live:  # until the thread took it (a batch handed on early waits behind another)
+                    self._queue_wait(began - p.arrival)
+                if 2 * total >= self._cap:
+                    over = max(0.0, elapsed - self.model.predict(total))
+                    self.excess += 0.2 * (over - self.excess)
                 self.model.observe(total, elapsed)
                 self._batch_size(total)
                 self._execution(elapsed)
