@@ -259,15 +259,6 @@ class ServiceApp(Starlette):
 
     api_routes: dict[str, APIEndpoint]
 
-    def early_refusal(self, scope: Any) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
-        """For the HTTP protocol (``gate.GateProtocol``), once a request's headers are read: the response to
-        send at once if the API's admission refuses it (status, headers, body), else None."""
-        if scope["method"] == "POST" and not scope.get("root_path"):
-            endpoint = self.api_routes.get(scope["path"])
-            if endpoint is not None:
-                return endpoint.refuse_early(scope)
-        return None
-
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
             endpoint = self.api_routes.get(scope["path"])

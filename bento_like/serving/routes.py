@@ -58,6 +58,7 @@ class APIEndpoint:
         # One call slower than that (on a thread or inline) turns this off for good for the API.
         self.inline_max = min(inline_ms(), 1.0) / 1000.0
         self.fast_calls = 0  # calls observed, all within inline_max; -1 once one was not
+        self._labels = (config.name,)
         self._status_labels: dict[int, tuple[str, str]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -102,31 +103,7 @@ class APIEndpoint:
             if labels is None:
                 labels = self._status_labels[status] = (self.name, str(status))
             state.metrics.requests.inc(labels)
-            state.metrics.latency.observe(labels, time.perf_counter() - started)
-
-    def refuse_early(self, scope: Scope) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
-        """Admission run by the HTTP protocol before the request reaches the app (see ``gate``): the refusal's
-        status, headers and body, counted as ``serve`` counts it, or None (and the scope marked admitted)."""
-        state = self.state
-        started = time.perf_counter()
-        state.in_flight += 1
-        self.in_flight += 1
-        try:
-            self.admit()
-        except HTTPError as exc:
-            state.metrics.rejections.inc((self.name, exc.reason or _REFUSALS[exc.status]))
-            body = exc.body()
-            labels = self._status_labels.get(exc.status)
-            if labels is None:
-                labels = self._status_labels[exc.status] = (self.name, str(exc.status))
-            state.metrics.requests.inc(labels)
-            state.metrics.latency.observe(labels, time.perf_counter() - started)
-            return exc.status, _error_headers(exc, body), body
-        finally:
-            state.in_flight -= 1
-            self.in_flight -= 1
-        scope["bento_like.admitted"] = True
-        return None
+            state.metrics.latency.observe(self._labels, time.perf_counter() - started)
 
     def admit(self) -> None:
         """Refuse at once what cannot be taken now: not ready, or over the concurrency or queue limits."""
@@ -140,7 +117,7 @@ class APIEndpoint:
                 f"service {state.spec.name!r} is at its limit of {state.max_concurrency} concurrent requests", 1
             )
         if self.batcher is not None:
-            self.batcher.offer(time.monotonic())
+            self.batcher.admit(1, time.monotonic())
         elif self.in_flight > state.max_queue:
             raise too_many_requests(
                 f"API {self.name!r} has {self.in_flight - 1} requests in progress, its limit (max_queue)", 1, "queue_full"
@@ -171,8 +148,7 @@ class APIEndpoint:
         return await _read_body(receive, self.state.max_body_size)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> int:
-        if not scope.pop("bento_like.admitted", False):  # not already admitted by the HTTP protocol
-            self.admit()
+        self.admit()
         content_type, timeout = self.read_headers(scope)
         limit = self.state.max_body_size
         mtype = media_type(content_type)
@@ -369,14 +345,10 @@ async def _read_form(scope: Scope, receive: Receive) -> dict[str, Any]:
     return values
 
 
-def _error_headers(exc: HTTPError, body: bytes) -> list[tuple[bytes, bytes]]:
-    headers = [(b"content-type", JSON.encode()), (b"content-length", str(len(body)).encode())]
-    return headers + [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
-
-
 async def _send_error(send: Send, exc: HTTPError) -> None:
     body = exc.body()
-    headers = _error_headers(exc, body)
+    headers = [(b"content-type", JSON.encode()), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
     try:
         await send({"type": "http.response.start", "status": exc.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})

@@ -62,7 +62,6 @@ def serve(
         timeout_graceful_shutdown=graceful_timeout,
         log_config=None,
         server_header=False,
-        http=_http_protocol(),
     )
     if reload:
         _serve_with_reload(target, working_dir, options, host, port, server_args)
@@ -72,15 +71,6 @@ def serve(
         import uvicorn
 
         _server(uvicorn.Config(app, host=host, port=port, **server_args)).run()
-
-
-def _http_protocol() -> str:
-    """uvicorn's httptools protocol with refusals answered before the app (``gate``) where it can be had."""
-    try:
-        from .gate import protocol
-    except ImportError:  # no httptools (uvicorn then picks h11)
-        return "auto"
-    return protocol()
 
 
 def _resolve_bento(target: str, working_dir: str) -> tuple[str, str]:
