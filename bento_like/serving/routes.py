@@ -58,7 +58,6 @@ class APIEndpoint:
         # One call slower than that (on a thread or inline) turns this off for good for the API.
         self.inline_max = min(inline_ms(), 1.0) / 1000.0
         self.fast_calls = 0  # calls observed, all within inline_max; -1 once one was not
-        self._labels = (config.name,)
         self._status_labels: dict[int, tuple[str, str]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -103,7 +102,7 @@ class APIEndpoint:
             if labels is None:
                 labels = self._status_labels[status] = (self.name, str(status))
             state.metrics.requests.inc(labels)
-            state.metrics.latency.observe(self._labels, time.perf_counter() - started)
+            state.metrics.latency.observe(labels, time.perf_counter() - started)
 
     def admit(self) -> None:
         """Refuse at once what cannot be taken now: not ready, or over the concurrency or queue limits."""
@@ -117,7 +116,7 @@ class APIEndpoint:
                 f"service {state.spec.name!r} is at its limit of {state.max_concurrency} concurrent requests", 1
             )
         if self.batcher is not None:
-            self.batcher.admit(1, time.monotonic())
+            self.batcher.offer(time.monotonic())
         elif self.in_flight > state.max_queue:
             raise too_many_requests(
                 f"API {self.name!r} has {self.in_flight - 1} requests in progress, its limit (max_queue)", 1, "queue_full"
