@@ -27,7 +27,7 @@ import time
 import uuid
 from collections import deque
 from time import monotonic as clock
-from typing import Any, Awaitable
+from typing import Any
 
 import numpy as np
 
@@ -40,9 +40,6 @@ log = logging.getLogger("bento_like.serving")
 
 INLINE_BATCH_S = 0.005
 """A lone batch predicted to take at most this long may run on the event loop's thread (see ``_call``)."""
-
-OVERLOAD = 1.2
-"""Items arriving this many times faster than the instances serve them, over about a second, is overload."""
 
 LAG_SHARE = 0.25
 """At most this share of max_latency_ms is set aside for the event loop's lag at admission."""
@@ -144,8 +141,6 @@ class Batcher:
         self.max_queue = max_queue
         self.model = LatencyModel()
         self.rate = ArrivalRate()
-        self.excess = 0.0  # learned: seconds by which large batches ran over their prediction (mean of the excess)
-        self.sustained = ArrivalRate(tau=1.0)  # items offered, refused ones too, over about a second
         self.last_arrival = 0.0
         self.gap: float | None = None  # learned: seconds between arrivals with no batch end in between
         self.last_done = -math.inf  # when a batch last finished (its answers are going out)
@@ -157,12 +152,7 @@ class Batcher:
         self.queued_items = 0
         self.queued_requests = 0
         self.busy = 0  # batches of this API running now
-        self._finishing: dict[int, float] = {}  # instance running batches -> when it is predicted to be free
-        self._open: dict[int, Instance] = {}  # instances running a batch on their thread, none handed on behind it
-        self._next: dict[int, Awaitable[None]] = {}  # instance -> the batch handed to its thread behind the running one
-        self._next_items: dict[int, int] = {}
-        self.prefetched_items = 0  # items in those batches: ahead of anything queued
-        self._last_items = 0  # items of the batch last started
+        self._finishing: dict[int, float] = {}  # running batch -> when it is predicted to end
         self._cap_at = -1  # model.observations when the cap below was derived
         self._cap = self.max_batch
         self._cap_seconds = 0.0  # predicted execution of a batch of _cap
@@ -197,8 +187,9 @@ class Batcher:
             batch = self._concat([example] * size, self.in_dim)
             best = math.inf
             for _ in range(rounds):  # the first runs of a size pay for allocations: keep the best
-                _, seconds = await self._call(instance, batch)
-                best = min(best, seconds)
+                started = time.perf_counter()
+                await self._call(instance, batch)
+                best = min(best, time.perf_counter() - started)
             self.model.observe(size, best)
         log.info(
             "API %r warmed up: %s",
@@ -207,16 +198,10 @@ class Batcher:
         )
 
     def _call(self, instance: Instance, inputs: Any, items: int | None = None) -> Any:
-        """Run ``inputs`` (a batch of ``items``; None: a warm-up run) on ``instance``; an awaitable of the result
-        and the seconds the call itself took.
-
-        A sync call is timed on the thread that runs it: the event loop may take milliseconds to notice that
-        it ended when it is busy (under overload, reading and refusing thousands of requests a second), and
-        learning that delay as execution time would make small batches look slow, shrink what is admitted and
-        batched, and spiral. The loop's delays are counted apart, as its lag."""
+        """Run ``inputs`` (a batch of ``items``; None: a warm-up run) on ``instance``; an awaitable result."""
         method = getattr(instance.obj, self.attr)
         if self.is_async:
-            return _timed_async(method(inputs))
+            return method(inputs)
         if items is not None and self._lone(instance, items):
             # Handing the batch to the instance's thread and back costs two wake-ups, each slow right after the
             # model streamed its weights through the caches (60 and 90 us measured with the bench MLP): for a
@@ -227,8 +212,7 @@ class Batcher:
             done = asyncio.get_running_loop().create_future()
             started = time.perf_counter()
             try:
-                result = method(inputs)
-                done.set_result((result, time.perf_counter() - started))
+                done.set_result(method(inputs))
             finally:
                 # Far slower than predicted (an input the model takes much longer on): never again. Merely slow
                 # calls (a busy machine) raise the learned time, which stops inlining while it stays high.
@@ -237,7 +221,7 @@ class Batcher:
                     log.info("API %r: a lone batch took over %g ms; batches run on instance threads from now on",
                              self.config.name, 4 * INLINE_BATCH_S * 1000)
             return done
-        return instance.batch_runner.submit(_timed, method, inputs)
+        return instance.batch_runner.submit(method, inputs)
 
     def _lone(self, instance: Instance, items: int) -> bool:
         """Whether a batch may run on the event loop's thread: the server has no other request in progress (so
@@ -292,8 +276,6 @@ class Batcher:
         """Update what the dispatcher knows of the traffic with ``items`` arriving at ``now``: the rate, the
         gap between arrivals that follow each other, and how soon clients send again after a batch ended."""
         self.rate.add(items, now)
-        if items > 1:  # its first item was counted as offered before its body was read
-            self.sustained.add(items - 1, now)
         if self.last_arrival > self.last_done:  # both arrived since the last batch ended: a gap within a stream
             gap = now - self.last_arrival
             self.gap = gap if self.gap is None else self.gap + 0.2 * (gap - self.gap)
@@ -309,12 +291,6 @@ class Batcher:
             if self._returning <= 0 and delay < 0.1:
                 self.echo_all = delay if self.echo_all is None else self.echo_all + 0.2 * (delay - self.echo_all)
 
-    def offer(self, now: float) -> None:
-        """The check before a request's body is read (as one item: refusing costs almost nothing then). Every
-        request offered is counted here, refused or not: overload is told by what is offered."""
-        self.sustained.add(1, now)
-        self.admit(1, now)
-
     def admit(self, items: int, now: float) -> None:
         """Refuse (429) a request of ``items`` the queue cannot take now or cannot answer within the budget.
 
@@ -323,12 +299,8 @@ class Batcher:
         of it would turn away a burst that the next batch serves in time), so what a client sees is bounded by
         max_latency_ms plus at most one batch's execution.
 
-        Under sustained overload that bound is kept for the slow batches too: a request that would wait for
-        the running batch and then its own beyond max_latency_ms plus one batch, counting its own batch as
-        slow as large batches have run lately (three times ``excess``), is refused when later arrivals are expected to fill the
-        next batch anyway (``_refill_expected``): the same throughput, and a tail that keeps the bound.
-
-        The runtime calls it once before reading the body (``offer``), and again with the real item count."""
+        The runtime calls it once before reading the body (with one item), so that refusing costs almost
+        nothing under overload, and again with the real item count."""
         name = self.config.name
         if self.queued_requests >= self.max_queue:
             raise too_many_requests(
@@ -338,7 +310,7 @@ class Batcher:
             return  # an instance is free for it now
         # The loop's own lag is paid twice more outside the queue: before the request is read, after it ran.
         # Capped: refusals themselves raise the lag, and an uncapped term refuses ever more (goodput collapses).
-        predicted = self.predicted_wait(items) + self._lag_allowance()
+        predicted = self.predicted_wait(items) + min(2.0 * self.state.watchdog.lag, LAG_SHARE * self.budget)
         if predicted > self.budget and predicted > self.model.predict(min(items, self.max_batch)) and self.model.sizes:
             raise too_many_requests(
                 f"API {name!r} would answer in about {predicted * 1000:.0f} ms behind the queued requests, over its "
@@ -346,38 +318,12 @@ class Batcher:
                 predicted - self.budget + self._running_left(),
                 "latency",
             )
-        left = self._running_left()
-        if left > 0.0:
-            # Under sustained overload its own batch will be full, and may run as slow as batches have lately.
-            slow = max(predicted, self._cap_seconds + self._lag_allowance()) + 3.0 * self.excess
-            bound = self.budget + self._cap_seconds
-            if left + slow > bound and self._refill_expected(items, now, bound - slow):
-                raise too_many_requests(
-                    f"API {name!r} is overloaded: it would answer in about {(left + slow) * 1000:.0f} ms behind the "
-                    f"batch running now, over its max_latency_ms of {self.config.max_latency_ms:g} plus one batch",
-                    left + slow - bound,
-                    "latency",
-                )
-
-    def _refill_expected(self, items: int, now: float, window: float) -> bool:
-        """Whether, under sustained overload, requests arriving in the last ``window`` seconds of the running
-        batch are expected to fill the next batch on their own, so refusing this one (which would wait for
-        the running batch and then its own, beyond the bound) costs no throughput.
-
-        Sustained overload: over about the last second, items were offered faster than the instances can
-        serve full batches (a burst on a quiet server does not count: the requests expected to take its
-        place would never come)."""
-        cap = self.batch_cap()
-        rate = self.sustained.get(now)
-        if rate * self._cap_seconds <= OVERLOAD * cap * len(self.pool.instances):
-            return False
-        return rate * window >= cap - self.queued_items - items
 
     def predicted_wait(self, items: int) -> float:
         """Seconds from the moment an instance is free until a request of ``items`` arriving now is answered,
         behind what is queued (the batches running now are not counted)."""
         instances = max(1, len(self.pool.instances))
-        total = self.queued_items + self.prefetched_items + items
+        total = self.queued_items + items
         cap = self.batch_cap()
         full = self._cap_seconds
         batches = math.ceil(total / cap)
@@ -386,7 +332,7 @@ class Batcher:
         # full batch takes longer than the part of it queued now.
         ahead = (rounds - 1) * full + self._running_left()
         own = min(cap, total - (batches - 1) * cap + self.rate.get(clock()) * ahead)
-        return ((rounds - 1) * full + self.model.predict(math.ceil(own)))
+        return (rounds - 1) * full + self.model.predict(math.ceil(own))
 
     def _running_left(self) -> float:
         if self.busy >= max(1, len(self.pool.instances)) and self._finishing:
@@ -399,8 +345,6 @@ class Batcher:
         self.queued_items += items
         self.queued_requests += 1
         self._arrived.set()
-        if self._open and self.queued_items >= self.full_batch():
-            self._prefetch()
         try:
             return await pending.future
         finally:
@@ -463,22 +407,16 @@ class Batcher:
             return head
         return None
 
-    def _lag_allowance(self) -> float:
-        return min(2.0 * self.state.watchdog.lag, LAG_SHARE * self.budget)
-
     def batch_cap(self) -> int:
         """The largest batch whose predicted execution fits the latency budget (max_batch_size if all do).
 
         It depends on the execution time alone, not on how long the queue has waited: shrinking batches
-        because requests waited would lower throughput just when the queue is longest, and spiral. The
-        event loop's lag is set aside as at admission (which would otherwise never let a full batch queue up,
-        and no full batch would be handed to an instance's thread ahead of time). It is derived again only
-        after the model learned something (once per batch), not per request."""
+        because requests waited would lower throughput just when the queue is longest, and spiral. It is
+        derived again only after the model learned something (once per batch), not per request."""
         model = self.model
         if self._cap_at != model.observations:
             self._cap_at = model.observations
-            budget = self.budget - self._lag_allowance()
-            self._cap = model.largest_within(budget, self.max_batch) if model.sizes else self.max_batch
+            self._cap = model.largest_within(self.budget, self.max_batch) if model.sizes else self.max_batch
             self._cap_seconds = model.predict(self._cap)
         return self._cap
 
@@ -555,128 +493,27 @@ class Batcher:
         return batch
 
     async def _run(self, instance: Instance, batch: list[Pending]) -> None:
-        """Run ``batch`` on ``instance``, then the batches that follow it on the same instance while full ones
-        are queued and no other API waits for the instance: handing the instance back to the dispatcher costs
-        event-loop turns (milliseconds each under load) during which the model would sit idle.
-
-        A full batch queued while one runs on an instance thread is handed to that thread at once
-        (``_prefetch``), so the thread starts it the moment the running one ends, without waiting for the
-        event loop at all."""
+        """Run ``batch`` on ``instance``, then, while a full batch is already queued and no other API waits for
+        an instance, the next one on the same instance at once: handing the instance back to the dispatcher
+        costs several event-loop turns (milliseconds under load) during which the model would sit idle."""
         key = id(instance)
         try:
-            running = self._start(instance, batch, inline=True)
-            items = self._last_items
-            while running is not None:
-                if not self.is_async:
-                    self._open[key] = instance
-                await running
-                self._open.pop(key, None)
+            while batch:
+                now = clock()
+                for p in batch:
+                    self._queue_wait(now - p.arrival)
+                items = sum(p.items for p in batch)
+                self._finishing[key] = now + self.model.predict(items)
+                await self._execute(instance, batch)
                 self.last_done = clock()
                 self._awaiting_echo = True
                 self._returning = items
-                running = self._next.pop(key, None)
-                if running is not None:  # already on the thread, maybe done
-                    items = self._next_items.pop(key)
-                    self.prefetched_items -= items
-                    self._finishing[key] = clock() + self.model.predict(items)
-                elif not self.pool.others_waiting(self):
-                    batch = self._take_full()
-                    running = self._start(instance, batch) if batch else None
-                    items = self._last_items
+                batch = [] if self.pool.others_waiting(self) else self._take_full()
         finally:
-            if self._next.pop(key, None) is not None:
-                self.prefetched_items -= self._next_items.pop(key)
-            self._open.pop(key, None)
             self._finishing.pop(key, None)
             self.busy -= 1
             self.pool.release(instance)
             self._arrived.set()
-
-    def _start(
-        self, instance: Instance, batch: list[Pending], inline: bool = False, prefetch: bool = False
-    ) -> Awaitable[None] | None:
-        """Hand ``batch`` to ``instance``: an awaitable done once its requests have their answers (None if none
-        of them is still waiting). A sync API's batch goes to the instance's thread, which cuts the result
-        and whose callback answers the requests in the loop turn it arrives in."""
-        now = clock()
-        live = []
-        total = 0
-        for p in batch:
-            if not p.future.done():
-                live.append(p)
-                total += p.items
-        if not live:
-            return None
-        if not prefetch:
-            self._finishing[id(instance)] = now + self.model.predict(total)
-        self._last_items = total
-        if self.is_async or (inline and self._lone(instance, total)):
-            for p in live:
-                self._queue_wait(now - p.arrival)
-            return self._execute(instance, live)
-        done = asyncio.get_running_loop().create_future()
-        method = getattr(instance.obj, self.attr)
-        instance.batch_runner.call(
-            self._batch_job, (method, live, total), lambda ok, value: self._batch_done(instance, live, done, ok, value)
-        )
-        return done
-
-    def _prefetch(self) -> None:
-        """A full batch is queued and an instance thread runs a batch: hand the full one to that thread now."""
-        key, instance = self._open.popitem()
-        if key in self._next or self.pool.others_waiting(self):
-            return
-        batch = self._take(self.full_batch())
-        running = self._start(instance, batch, prefetch=True) if batch else None
-        if running is not None:
-            self._next[key] = running
-            self._next_items[key] = self._last_items
-            self.prefetched_items += self._last_items  # counted as queued, ahead of everything queued
-
-    def _batch_job(self, method: Any, live: list[Pending], total: int) -> tuple[list[Any], float, float]:
-        """On the instance's thread: put the batch together, run it, cut the result per request; with the
-        seconds it ran and when it began (``clock``)."""
-        inputs = live[0].value if len(live) == 1 else self._concat([p.value for p in live], self.in_dim)
-        began = clock()
-        started = time.perf_counter()
-        result = method(inputs)
-        elapsed = time.perf_counter() - started
-        return self._split(result, [p.items for p in live]), elapsed, began
-
-    def _batch_done(self, instance: Instance, live: list[Pending], done: asyncio.Future[None], ok: bool, value: Any) -> None:
-        """On the loop: answer the requests of a batch the instance's thread ran (or bisect it, if it raised)."""
-        try:
-            if ok:
-                parts, elapsed, began = value
-                total = sum(p.items for p in live)
-                for p in live:  # until the thread took it (a batch handed on early waits behind another)
-                    self._queue_wait(began - p.arrival)
-                if 2 * total >= self._cap:
-                    over = max(0.0, elapsed - self.model.predict(total))
-                    self.excess += 0.2 * (over - self.excess)
-                self.model.observe(total, elapsed)
-                self._batch_size(total)
-                self._execution(elapsed)
-                for p, part in zip(live, parts):
-                    if not p.future.done():
-                        p.future.set_result(part)
-            elif len(live) == 1:
-                _fail(live[0], value, self.config.name)
-            else:
-                log.warning("batch of %d requests to %r failed (%s); bisecting", len(live), self.config.name, value)
-                mid = len(live) // 2
-                task = asyncio.get_running_loop().create_task(self._bisect(instance, live[:mid], live[mid:]))
-                task.add_done_callback(lambda _: done.done() or done.set_result(None))
-                return
-        except Exception as exc:  # the batch must end whatever happens, or its instance is never freed
-            for p in live:
-                _fail(p, exc, self.config.name)
-        if not done.done():
-            done.set_result(None)
-
-    async def _bisect(self, instance: Instance, first: list[Pending], second: list[Pending]) -> None:
-        await self._execute(instance, first)
-        await self._execute(instance, second)
 
     def _take_full(self) -> list[Pending]:
         """The next batch if the queue already holds a full one."""
@@ -692,9 +529,10 @@ class Batcher:
             return
         sizes = [p.items for p in live]
         total = sum(sizes)
+        started = time.perf_counter()
         try:
             inputs = live[0].value if len(live) == 1 else self._concat([p.value for p in live], self.in_dim)
-            result, elapsed = await self._call(instance, inputs, total)
+            result = await self._call(instance, inputs, total)
             parts = self._split(result, sizes)
         except Exception as exc:
             if len(live) == 1:
@@ -705,6 +543,7 @@ class Batcher:
             await self._execute(instance, live[:mid])
             await self._execute(instance, live[mid:])
             return
+        elapsed = time.perf_counter() - started
         self.model.observe(total, elapsed)
         self._batch_size(total)
         self._execution(elapsed)
@@ -749,18 +588,6 @@ class Batcher:
         for v in values:
             out.extend(v)
         return out
-
-
-def _timed(method: Any, inputs: Any) -> tuple[Any, float]:
-    started = time.perf_counter()
-    result = method(inputs)
-    return result, time.perf_counter() - started
-
-
-async def _timed_async(call: Any) -> tuple[Any, float]:
-    started = time.perf_counter()
-    result = await call
-    return result, time.perf_counter() - started
 
 
 def _fail(pending: Pending, exc: Exception, api: str) -> None:

@@ -93,12 +93,6 @@ class ThreadRunner:
         self._queue.put((fut, fn, args, kwargs))
         return fut
 
-    def call(self, fn: Callable[..., Any], args: tuple[Any, ...], callback: Callable[[bool, Any], None]) -> None:
-        """Run ``fn(*args)`` on a thread, then ``callback(ok, result or exception)`` on the event loop: no future,
-        so the callback acts in the loop turn the result arrives in, not one turn later when a waiting task
-        would wake."""
-        self._queue.put((None, fn, args, callback))
-
     def _work(self) -> None:
         if self.initializer is not None:
             self.initializer()
@@ -122,12 +116,6 @@ class ThreadRunner:
                     stop = True
                     continue
                 fut, fn, args, kwargs = job
-                if fut is None:  # a call(): kwargs is the callback
-                    try:
-                        done.append((None, True, (kwargs, fn(*args))))
-                    except BaseException as exc:  # noqa: BLE001 - delivered to the callback
-                        done.append((None, False, (kwargs, exc)))
-                    continue
                 if fut.cancelled():  # its deadline passed while it waited
                     continue
                 try:
@@ -144,12 +132,8 @@ class ThreadRunner:
                 return
 
 
-def _deliver(done: list[tuple[Any, bool, Any]]) -> None:
+def _deliver(done: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
     for fut, ok, value in done:
-        if fut is None:  # a call(): value is its callback and what fn returned or raised
-            callback, result = value
-            callback(ok, result)
-            continue
         if fut.done():
             continue
         if ok:

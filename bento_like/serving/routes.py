@@ -116,7 +116,7 @@ class APIEndpoint:
                 f"service {state.spec.name!r} is at its limit of {state.max_concurrency} concurrent requests", 1
             )
         if self.batcher is not None:
-            self.batcher.offer(time.monotonic())
+            self.batcher.admit(1, time.monotonic())
         elif self.in_flight > state.max_queue:
             raise too_many_requests(
                 f"API {self.name!r} has {self.in_flight - 1} requests in progress, its limit (max_queue)", 1, "queue_full"
