@@ -100,7 +100,12 @@ def start_mlp_server(threads: int, max_latency_ms: float) -> tuple[subprocess.Po
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    while True:
+        if server.poll() is not None:
+            sys.exit(f"the server exited with {server.returncode} before it was ready (is bento_like installed?)")
+        if time.monotonic() > deadline:
+            server.kill()
+            sys.exit("the server was not ready within 120 s")
         try:
             if httpx.get(url + "/readyz").status_code == 200:
                 break
