@@ -233,13 +233,10 @@ class InputCodec:
                 return None
             if flat.size != math.prod(shape):
                 return None
-            if dtype.itemsize < 8:  # narrower than the parsed doubles: a value may be beyond its range
-                with np.errstate(over="ignore"):
-                    arr = flat.astype(dtype).reshape(shape)
-                if not np.isfinite(arr).all():
-                    return None
-            else:
+            with np.errstate(over="ignore"):
                 arr = flat.astype(dtype).reshape(shape)  # a copy: the input is the model's to write into
+            if dtype.itemsize < 8 and not np.isfinite(arr).all():  # narrower than the parsed doubles: out of range
+                return None
             assert p.array is not None
             kwargs[p.name] = _check_shape(p, p.array, arr)
             # One "[" per array at each level above the numbers: [[1, 2], [3, 4]] has 3. The numbers' buffer
