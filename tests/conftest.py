@@ -24,13 +24,14 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator:
-    """Start real servers: ``start_server("svc.py:Svc", cwd=dir, args=[...])`` -> a ready Server."""
+    """Start real servers: ``start_server("svc.py:Svc", cwd=dir, args=[...])`` -> a ready Server.
+    ``prefix`` runs the server under a wrapper command (``setpriv ...``, say)."""
     servers: list[Server] = []
 
     def start(target: str, cwd: Path | None = None, args: list[str] | None = None, ready: bool = True,
-              env: dict[str, str] | None = None) -> Server:
+              env: dict[str, str] | None = None, prefix: list[str] | None = None) -> Server:
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        server = Server(target, cwd or REPO, args or [], full_env, tmp_path / f"server-{len(servers)}.log")
+        server = Server(target, cwd or REPO, args or [], full_env, tmp_path / f"server-{len(servers)}.log", prefix)
         servers.append(server)
         if ready:
             server.wait_ready()

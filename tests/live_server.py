@@ -20,13 +20,14 @@ def free_port() -> int:
 class Server:
     """`python -m bento_like serve TARGET` in a subprocess, with its log in a file."""
 
-    def __init__(self, target: str, cwd: Path, args: list[str], env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, target: str, cwd: Path, args: list[str], env: dict[str, str], log_path: Path,
+                 prefix: list[str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bento_like", "serve", target, "--port", str(self.port), *args],
+            [*(prefix or []), sys.executable, "-m", "bento_like", "serve", target, "--port", str(self.port), *args],
             cwd=cwd,
             env=env,
             stdout=self._log,

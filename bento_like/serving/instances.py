@@ -17,6 +17,7 @@ import threading
 from typing import Any, Callable
 
 from ..sdk.service import ServiceSpec, get_spec
+from .priority import PriorityPlan, apply_switch_interval
 
 log = logging.getLogger("bento_like.serving")
 
@@ -57,6 +58,33 @@ def inline_ms() -> float:
 _STOP = object()
 
 
+def native_thread_name(name: str) -> str:
+    """``name`` in Linux's 15 bytes: the service's name is shortened, the instance and kind of thread after
+    it are kept (``Batched-0-batch-0`` becomes ``Batch-0-batch-0``)."""
+    raw = name.encode()
+    if len(raw) <= 15:
+        return name
+    head, sep, rest = name.partition("-")
+    tail = (sep + rest).encode()
+    if not sep or len(tail) >= 15:
+        return raw[-15:].decode(errors="ignore")
+    return head.encode()[: 15 - len(tail)].decode(errors="ignore") + sep + rest
+
+
+def name_native_thread(name: str) -> None:
+    """Give the calling thread's OS thread this name: what ``top -H``, ``ps -L`` and /proc show, so that the
+    batch threads can be told from the request threads and the event loop when diagnosing load."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.prctl(15, ctypes.c_char_p(native_thread_name(name).encode()), 0, 0, 0)  # 15 = PR_SET_NAME
+    except (OSError, AttributeError):  # no usable libc: the name is only a convenience
+        pass
+
+
 class ThreadRunner:
     """Runs an instance's sync methods on threads of its own and hands results back to the event loop.
 
@@ -94,6 +122,7 @@ class ThreadRunner:
         return fut
 
     def _work(self) -> None:
+        name_native_thread(threading.current_thread().name)
         if self.initializer is not None:
             self.initializer()
         get, get_nowait, drain, idle = self._queue.get, self._queue.get_nowait, self.drain, self._idle
@@ -154,10 +183,21 @@ class Instance:
         self.compute_threads = compute_threads
         # every built object (dependencies first) with its spec, in the order their startup hooks ran
         self._started: list[tuple[ServiceSpec, Any]] = []
-        self.runner = ThreadRunner(threads, f"{spec.name}-{index}", initializer=self.limit_threads)
+        self.priority: PriorityPlan | None = None  # set by the pool before its threads start
+        self.runner = ThreadRunner(threads, f"{spec.name}-{index}", initializer=self._request_thread_init)
         # Batches run one at a time per instance, always on this one thread: the model's working set (its
         # BLAS library's per-thread buffers, the caches of the core it last ran on) stays warm between batches.
-        self.batch_runner = ThreadRunner(1, f"{spec.name}-{index}-batch", drain=1, initializer=self.limit_threads)
+        self.batch_runner = ThreadRunner(1, f"{spec.name}-{index}-batch", drain=1, initializer=self._batch_thread_init)
+
+    def _request_thread_init(self) -> None:
+        if self.priority is not None:
+            self.priority.other_thread()
+        self.limit_threads()
+
+    def _batch_thread_init(self) -> None:
+        if self.priority is not None:
+            self.priority.batch_thread()
+        self.limit_threads()
 
     def limit_threads(self) -> None:
         """Cap torch's intra-op threads so that the instances of all workers share the cores, not fight."""
@@ -232,9 +272,17 @@ class InstancePool:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        apply_switch_interval()
+        # Only a service with batched APIs has batch threads worth favouring.
+        priority = PriorityPlan() if any(entry.config.batchable for entry in self.spec.apis) else None
+        for inst in self.instances:
+            inst.priority = priority
+            inst.batch_runner.start(loop)
+        if priority is not None:
+            log.debug("thread priority: %s by %d nice steps", priority.mode, priority.steps)
+            priority.other_thread()  # this is the event loop's thread
         for inst in self.instances:
             inst.runner.start(loop)
-            inst.batch_runner.start(loop)
         for inst in self.instances:
             # __init__ may load large models: keep the event loop free to answer /livez meanwhile.
             await loop.run_in_executor(None, inst.build)
