@@ -8,6 +8,9 @@ refusals do not slow the offered rate) for ``--duration`` seconds, with per-requ
 split by status. The server's RSS is sampled every second and /readyz polled throughout.
 
     python bench/overload.py [--duration 30] [--factor 3] [--max-latency-ms 60]
+
+Where a batch of 64 takes more than half of max_latency_ms (55-65 ms on 2 AVX2 vCPUs), pass about twice the
+batch time, as bench/batching.py says: see docs/batching.md for the figures at both.
 """
 
 from __future__ import annotations

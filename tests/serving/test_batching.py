@@ -206,6 +206,34 @@ def test_a_burst_is_served_up_to_what_fits_the_latency_budget_and_the_rest_refus
     assert 'reason="latency"' in httpx.get(server.url + "/metrics").text
 
 
+def test_under_sustained_overload_batches_run_back_to_back_one_at_a_time_with_the_right_rows(start_server) -> None:
+    """Past capacity the next batch is handed to the instance's thread before the running one ends: still one
+    batch at a time on one thread, every accepted row answered with its own result, the rest refused."""
+    server = start_server("batched.py:Batched", cwd=SERVICES, env={"BATCH_DELAY": "0.04", "MAX_LATENCY_MS": "150"},
+                          args=["--log-level", "debug"])
+    seen(server.url)  # drop the warm-up's batches
+
+    async def stream() -> list[tuple[float, httpx.Response]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30, limits=httpx.Limits(max_connections=400)) as c:
+            tasks = []
+            for i in range(400):  # 400/s for 1 s against a capacity of 8 / 40 ms = 200/s
+                tasks.append(asyncio.create_task(c.post("/double", json={"x": [[i, -i - 2]]})))
+                await asyncio.sleep(0.0025)
+            return list(zip(range(400), await asyncio.gather(*tasks)))
+
+    results = asyncio.run(stream())
+    codes = [r.status_code for _, r in results]
+    assert set(codes) == {200, 429}, set(codes)
+    ok = [(i, r) for i, r in results if r.status_code == 200]
+    assert len(ok) >= 100, len(ok)
+    for i, r in ok:
+        assert r.json() == [[2 * i, 2 * (-i - 2)]]
+    assert sum(len(b) for b in seen(server.url)) == len(ok)  # each accepted row ran exactly once
+    assert httpx.post(server.url + "/batch_overlaps", json={}).json() == 0
+    assert len(httpx.post(server.url + "/batch_threads", json={}).json()) == 1
+    assert "handed on before the running one ended" in server.log()  # the early hand-off did happen
+
+
 def test_batches_are_cut_to_fit_the_budget_when_a_full_batch_is_too_slow(start_server) -> None:
     # 25 ms per item: a full batch of 8 takes 200 ms, over a 120 ms budget, so batches of about 4 are cut.
     server = start_server(
@@ -328,3 +356,30 @@ def test_latency_model_interpolates_and_extrapolates() -> None:
     assert model.largest_within(0.030, 64) == 64
     assert model.largest_within(0.017, 64) == pytest.approx(32, abs=1)
     assert model.largest_within(0.001, 64) == 1
+
+
+def test_latency_model_carries_a_slowdown_seen_at_one_size_to_all_sizes_and_back() -> None:
+    model = LatencyModel()
+    model.observe(1, 0.004)  # the warm-up: quiet machine
+    model.observe(16, 0.010)
+    model.observe(64, 0.030)
+    assert model.largest_within(0.040, 64) == 64
+    for _ in range(30):  # under load only batches of 16 run, twice as slow as alone
+        model.observe(16, 0.020)
+    assert model.predict(16) == pytest.approx(0.020, rel=0.02)
+    assert model.factor > 1.6  # the rest went into the shape of 16, slowly
+    assert model.predict(64) > 0.050  # never observed under load, still predicted slow
+    assert model.predict(1) > 0.0065
+    assert model.largest_within(0.040, 64) < 64
+    for _ in range(30):  # the load went away
+        model.observe(16, 0.010)
+    assert model.predict(16) == pytest.approx(0.010, rel=0.02)
+    assert model.largest_within(0.040, 64) == 64
+
+
+def test_one_outlier_moves_the_latency_model_a_bounded_step() -> None:
+    model = LatencyModel()
+    model.observe(8, 0.010)
+    model.observe(8, 1.0)  # a 100x pause of the whole process
+    assert model.factor == pytest.approx(1 + 0.2 * (4 - 1))
+    assert model.predict(8) < 0.02

@@ -22,11 +22,18 @@ class Batched:
         self.batches: list[list[float]] = []
         self.threads: set[str] = set()  # the threads batches ran on
         self.direct: list[tuple[float, str]] = []  # each double_direct call that ran: x[0, 0], its thread
+        self.running = 0  # batches of double running now
+        self.overlaps = 0  # times a batch started while another ran on this instance
 
     @bl.api(batchable=True, max_batch_size=8, max_latency_ms=float(os.environ.get("MAX_LATENCY_MS", "1000")))
     def double(self, x: ROW) -> np.ndarray:
         """Doubles each row; a row holding -1 makes the whole batch fail (a poisoned input)."""
-        time.sleep(DELAY + PER_ITEM * len(x))
+        self.running += 1
+        self.overlaps += self.running > 1
+        try:
+            time.sleep(DELAY + PER_ITEM * len(x))
+        finally:
+            self.running -= 1
         self.batches.append(x[:, 0].tolist())
         self.threads.add(threading.current_thread().name)
         if (x == -1).any():
@@ -46,6 +53,10 @@ class Batched:
     @bl.api
     def batch_threads(self) -> list:
         return sorted(self.threads)
+
+    @bl.api
+    def batch_overlaps(self) -> int:
+        return self.overlaps
 
     @bl.api
     def batches_seen(self, reset: bool = False) -> list:
