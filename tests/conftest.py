@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Iterator
 
-import pytest
-
-from live_server import Server
-
 REPO = Path(__file__).resolve().parents[1]
+
+# `python -m pytest` puts the working directory, the checkout, first on sys.path. There our kernels/ (installed
+# as bento_like.kernels) would be found as the top-level `kernels`, which transformers imports when PyPI's
+# `kernels` is installed ("cannot import name 'CUDAProperties' from 'kernels'"). Nothing imports from the
+# checkout's root by that path: bento_like, builders and kernels come from the installed package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
+if "kernels" in sys.modules and getattr(sys.modules["kernels"], "__file__", "").startswith(str(REPO)):
+    del sys.modules["kernels"]
+
+import pytest  # noqa: E402
+
+from live_server import Server  # noqa: E402
 
 
 @pytest.fixture

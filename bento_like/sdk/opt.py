@@ -66,6 +66,10 @@ class Quantize(msgspec.Struct, frozen=True, kw_only=True, tag_field="pass", tag=
     """Node names (ONNX) or module names (PyTorch) left in full precision."""
     calibration: str | None = None
     """A .npz of calibration inputs for static quantization; the gate's validation data when None."""
+    reduce_range: bool | None = None
+    """int8 dynamic/static: 7-bit weights. ONNX Runtime's int8 kernels on x86 CPUs without VNNI (AVX2, or
+    AVX-512 without VNNI) can saturate intermediate sums with 8-bit weights and lose accuracy; None: on when
+    the building machine is such a CPU. Set True when the serving machines may lack VNNI."""
     group_size: int = 128
     """int4 weight_only: input features sharing one scale."""
 
@@ -174,13 +178,14 @@ def quantize(
     exclude: Sequence[str] = (),
     calibration: str | None = None,
     group_size: int = 128,
+    reduce_range: bool | None = None,
 ) -> Quantize:
     """method defaults to "weight_only" for int4 and "dynamic" otherwise."""
     chosen = method or ("weight_only" if dtype == "int4" else "dynamic")
     return _checked(
         Quantize(
             dtype=dtype, method=chosen, per_channel=per_channel, auto=auto, exclude=tuple(exclude),
-            calibration=calibration, group_size=group_size,
+            calibration=calibration, group_size=group_size, reduce_range=reduce_range,
         )
     )
 

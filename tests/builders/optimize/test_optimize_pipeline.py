@@ -27,7 +27,7 @@ def test_passing_model_is_saved_as_a_new_version_with_lineage(home: Path) -> Non
     assert report.source_tag == tag and report.source_digest == models.get(tag).info.digest
     assert [step.name for step in report.steps] == ["source", "export(onnx)", "quantize(int8, dynamic, per-channel)"]
     assert report.passes[1] == {"pass": "quantize", "dtype": "int8", "method": "dynamic", "per_channel": True, "auto": False,
-                                "exclude": [], "calibration": None, "group_size": 128}
+                                "exclude": [], "calibration": None, "reduce_range": None, "group_size": 128}
     assert report.gate["metric"] == "cosine" and report.passed
     for step in report.steps:
         m = step.measurement
