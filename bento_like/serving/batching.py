@@ -53,8 +53,10 @@ class LatencyModel:
     measured here under 3x overload, batches of 14 took 36 ms against 18 ms alone). A table of sizes alone
     would then predict a small batch as slow as a full one still known from quiet times, and let the cap
     stay at a full batch that now takes twice the budget. So each observation of a known size moves the
-    shared factor (quickly: ``alpha``) by how much slower or faster than the shape it ran, and the shape of
-    that size slowly (``shape_alpha``); an unseen size enters the shape divided by the factor."""
+    shared factor (quickly: ``alpha``) toward how much slower than the shape it ran (never below 1: a size
+    running faster than its shape had its shape learned too slow, and must not make the others look fast),
+    and the shape of that size slowly (``shape_alpha``); an unseen size enters the shape divided by the
+    factor."""
 
     def __init__(self, alpha: float = 0.2, shape_alpha: float = 0.05) -> None:
         self.alpha = alpha
@@ -74,7 +76,8 @@ class LatencyModel:
             return
         # One outlier (a pause of the whole process, say) counts as at most 4 times slower than the shape.
         ratio = min(4.0, max(0.25, seconds / old)) if old > 0 else 1.0
-        self.factor += self.alpha * (ratio - self.factor)
+        # The factor only stands for slowdowns (see above): a shape learned too slow corrects itself, slowly.
+        self.factor += self.alpha * (max(1.0, ratio) - self.factor)
         table[size] = old + self.shape_alpha * (old * ratio / self.factor - old)
 
     def predict(self, size: int) -> float:

@@ -383,3 +383,18 @@ def test_one_outlier_moves_the_latency_model_a_bounded_step() -> None:
     model.observe(8, 1.0)  # a 100x pause of the whole process
     assert model.factor == pytest.approx(1 + 0.2 * (4 - 1))
     assert model.predict(8) < 0.02
+
+
+def test_a_size_whose_warm_up_ran_slow_does_not_make_the_others_look_fast() -> None:
+    model = LatencyModel()
+    model.observe(1, 0.1)
+    model.observe(4, 0.1)
+    model.observe(8, 0.2)  # its warm-up ran on a busy machine
+    for _ in range(10):
+        model.observe(8, 0.1)
+    assert model.factor == pytest.approx(1.0)
+    assert model.predict(4) == pytest.approx(0.1)  # the shared factor did not fall to 0.5
+    assert model.predict(8) < 0.17  # its own shape comes down, slowly: too slow errs on the safe side
+    for _ in range(50):
+        model.observe(8, 0.1)
+    assert model.predict(8) == pytest.approx(0.1, rel=0.1)
