@@ -18,6 +18,7 @@ from bento_like.serving.app import ServerState, ServeOptions
 from bento_like.serving.batching import Batcher, LatencyModel
 
 SERVICES = Path(__file__).parent / "services"
+pytestmark = pytest.mark.usefixtures("frozen_heap")  # several tests bound request times measured from here
 
 
 async def post_many(url: str, bodies: list[dict], headers: dict | None = None) -> list[httpx.Response]:
