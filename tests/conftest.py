@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -37,8 +38,6 @@ def frozen_heap() -> Iterator[None]:
     for modules that time requests from here: with torch and transformers loaded a full collection takes 0.3 s
     or more on a small VM, and one falling inside a burst of requests added 0.5-0.9 s to every request's
     client-side time (seen under the full suite only)."""
-    import gc
-
     gc.collect()
     gc.freeze()
     try:

@@ -27,19 +27,24 @@ import logging
 import os
 import sys
 import threading
+from typing import Any
 
 log = logging.getLogger("bento_like.serving")
 
 _CAP_SYS_NICE = 23  # bit in /proc/self/status CapEff
 
 
+def _env_number(name: str, default: str, parse: type, what: str) -> Any:
+    value = os.environ.get(name, default)
+    try:
+        return parse(value)
+    except ValueError:
+        raise ValueError(f"{name} must be {what}, got {value!r}") from None
+
+
 def batch_priority() -> int:
     """How many nice steps batch threads get above the process's other threads (``BENTO_LIKE_BATCH_PRIORITY``)."""
-    value = os.environ.get("BENTO_LIKE_BATCH_PRIORITY", "10")
-    try:
-        steps = int(value)
-    except ValueError:
-        raise ValueError(f"BENTO_LIKE_BATCH_PRIORITY must be an integer number of nice steps, got {value!r}") from None
+    steps = _env_number("BENTO_LIKE_BATCH_PRIORITY", "10", int, "an integer number of nice steps")
     if not 0 <= steps <= 39:
         raise ValueError(f"BENTO_LIKE_BATCH_PRIORITY must be between 0 and 39 nice steps, got {steps}")
     return steps
@@ -47,11 +52,7 @@ def batch_priority() -> int:
 
 def switch_interval_ms() -> float:
     """The GIL switch interval the server sets (``BENTO_LIKE_SWITCH_INTERVAL_MS``); 0 keeps Python's own."""
-    value = os.environ.get("BENTO_LIKE_SWITCH_INTERVAL_MS", "1")
-    try:
-        ms = float(value)
-    except ValueError:
-        raise ValueError(f"BENTO_LIKE_SWITCH_INTERVAL_MS must be a number of milliseconds, got {value!r}") from None
+    ms = _env_number("BENTO_LIKE_SWITCH_INTERVAL_MS", "1", float, "a number of milliseconds")
     if ms < 0:
         raise ValueError(f"BENTO_LIKE_SWITCH_INTERVAL_MS must not be negative, got {ms}")
     return ms

@@ -21,6 +21,7 @@ static quantization of a PyTorch model is done in ONNX Runtime: export it first.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import platform
 from collections.abc import Iterator
@@ -90,6 +91,7 @@ def run(model: Model, spec: Quantize, ctx: PassContext) -> PassOutput:
 # --- ONNX ---------------------------------------------------------------------------------------------------
 
 
+@functools.cache
 def cpu_has_vnni() -> bool | None:
     """Whether this x86 CPU has VNNI (AVX512_VNNI or AVX_VNNI); None when it is not x86 or cannot tell."""
     if platform.machine().lower() not in ("x86_64", "amd64", "i686", "i386"):
