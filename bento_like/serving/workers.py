@@ -55,6 +55,7 @@ def serve(
     target, working_dir = _resolve_bento(target, working_dir)
     spec = _load(target, working_dir)
     app = create_app(spec, options)  # fails fast, in the parent, on an API that cannot be served
+    from .protocol import HttpProtocol
     workers = workers or spec.workers
     server_args: dict[str, Any] = dict(
         log_level=log_level,
@@ -62,6 +63,7 @@ def serve(
         timeout_graceful_shutdown=graceful_timeout,
         log_config=None,
         server_header=False,
+        http=HttpProtocol,  # uvicorn's httptools protocol, each response sent in one write (protocol.py)
     )
     if reload:
         _serve_with_reload(target, working_dir, options, host, port, server_args)
