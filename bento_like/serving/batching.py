@@ -38,8 +38,9 @@ from .instances import Instance, InstancePool, inline_ms
 log = logging.getLogger("bento_like.serving")
 
 
-INLINE_BATCH_S = 0.005
-"""A lone batch predicted to take at most this long may run on the event loop's thread (see ``_call``)."""
+INLINE_BATCH_S = 0.02
+"""A lone batch predicted to take at most this long (and a quarter of max_latency_ms) may run on the event
+loop's thread (see ``_may_inline``)."""
 
 LAG_SHARE = 0.25
 """At most this share of max_latency_ms is set aside for the event loop's lag at admission."""
@@ -177,7 +178,7 @@ class Batcher:
         self._cap_seconds = 0.0  # predicted execution of a batch of _cap
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.inline_max = INLINE_BATCH_S if inline_ms() > 0 else 0.0
+        self.inline_max = min(INLINE_BATCH_S, self.budget / 4) if inline_ms() > 0 else 0.0
         self._loop_threads_limited = False
         labels = (config.name,)
         metrics = state.metrics
@@ -215,53 +216,90 @@ class Batcher:
             ", ".join(f"batch {n}: {self.model.predict(n) * 1000:.2f} ms" for n in sizes),
         )
 
-    def _call(self, instance: Instance, inputs: Any, items: int | None = None) -> Any:
-        """Run ``inputs`` (a batch of ``items``; None: a warm-up run) on ``instance``; an awaitable of the result
-        and the seconds the call took.
+    def _call(self, instance: Instance, inputs: Any, inline: bool = False) -> Any:
+        """Run ``inputs`` on ``instance``; an awaitable of the result and the seconds the call took. ``inline``:
+        a sync method runs here, on the event loop's thread (a lone request, see ``_lone_instance``).
 
-        A sync method is timed where it runs, on its thread: timed from the event loop, a busy loop's delay in
-        noticing that the batch ended would be learned as execution time (measured here under 3x overload: batches
-        of 5 learned as 85 ms, 7 ms alone), and the admission that follows from it refuses nearly everything.
-        The loop's own delays are accounted for apart, by its measured lag."""
+        A sync method is otherwise timed where it runs, on its thread: timed from the event loop, a busy loop's
+        delay in noticing that the batch ended would be learned as execution time (measured here under 3x
+        overload: batches of 5 learned as 85 ms, 7 ms alone), and the admission that follows from it refuses
+        nearly everything. The loop's own delays are accounted for apart, by its measured lag."""
         method = getattr(instance.obj, self.attr)
         if self.is_async:
             return _timed_async(method(inputs))
-        if items is not None and self._lone(instance, items):
-            # Handing the batch to the instance's thread and back costs two wake-ups, each slow right after the
-            # model streamed its weights through the caches (60 and 90 us measured with the bench MLP): for a
-            # lone request that is most of what serving adds to the call.
-            if not self._loop_threads_limited:
-                instance.limit_threads()
-                self._loop_threads_limited = True
-            done = asyncio.get_running_loop().create_future()
-            started = time.perf_counter()
-            try:
-                result = method(inputs)
-                done.set_result((result, time.perf_counter() - started))
-            finally:
-                # Far slower than predicted (an input the model takes much longer on): never again. Merely slow
-                # calls (a busy machine) raise the learned time, which stops inlining while it stays high.
-                if time.perf_counter() - started > 4 * self.inline_max:
-                    self.inline_max = 0.0
-                    log.info("API %r: a lone batch took over %g ms; batches run on instance threads from now on",
-                             self.config.name, 4 * INLINE_BATCH_S * 1000)
-            return done
-        return instance.batch_runner.submit(_timed, method, inputs)
+        if not inline:
+            return instance.batch_runner.submit(_timed, method, inputs)
+        if not self._loop_threads_limited:
+            instance.limit_threads()
+            self._loop_threads_limited = True
+        done = asyncio.get_running_loop().create_future()
+        started = time.perf_counter()
+        try:
+            done.set_result((method(inputs), time.perf_counter() - started))
+        finally:
+            # Far slower than predicted (an input the model takes much longer on): never again. Merely slow
+            # calls (a busy machine) raise the learned time, which stops inlining while it stays high.
+            if time.perf_counter() - started > 4 * self.inline_max:
+                log.info("API %r: a lone batch took over %g ms; batches run on instance threads from now on",
+                         self.config.name, 4 * self.inline_max * 1000)
+                self.inline_max = 0.0
+        return done
 
-    def _lone(self, instance: Instance, items: int) -> bool:
-        """Whether a batch may run on the event loop's thread: the server has no other request in progress (so
-        nothing waits unseen while the loop is busy, and a burst's next requests, read once the loop is free,
-        see this one in progress and queue), there is one CPU instance (no idle instance kept from work), and
-        the batch is predicted to be short (at most ``INLINE_BATCH_S``)."""
+    def _may_inline(self, items: int) -> bool:
+        """Whether a request of ``items`` is alone enough to run at once on the event loop's thread: the server
+        has no other request in progress (so nothing waits unseen while the loop is busy with it), nothing is
+        queued or running for this API, traffic is light (fewer than one item expected to arrive while it
+        runs: under steady load a request that happens to find the server empty would hold back the next
+        ones, unread, for a whole execution), the service has one CPU instance (no idle instance kept from
+        work) and the batch is predicted to be short (at most ``inline_max``).
+
+        Light traffic is judged twice, because a prediction can be far off (an input the model runs much
+        longer on): by the arrival rate against the predicted execution, and by the clients of the last batch,
+        all of whom must be back (or not within 100 ms) before one of them runs inline."""
+        if self.queued_items or self.busy or self.inline_max <= 0 or self.state.in_flight != 1:
+            return False
+        model = self.model
+        if not model.sizes:
+            return False
+        now = clock()
+        if self._returning > 0 and now - self.last_done < 0.1:
+            return False
+        predicted = model.predict(items)
         return (
-            self.state.in_flight == 1
-            and not self.queued_items
-            and self.inline_max > 0
-            and instance.device == "cpu"
+            predicted <= self.inline_max
+            and self.rate.get(now) * predicted < 1.0
             and len(self.pool.instances) == 1
-            and bool(self.model.sizes)
-            and self.model.predict(items) <= self.inline_max
+            and self.pool.instances[0].device == "cpu"
         )
+
+    async def _lone_instance(self, items: int) -> Instance | None:
+        """The instance a lone request runs on at once, inline, without passing through the queue and the
+        dispatcher (three event-loop turns and two tasks before the model starts, and two thread wake-ups:
+        most of what serving adds to a lone request); None when the request must queue.
+
+        The loop first runs whatever else is ready: requests read in the same turn as this one (a burst) have
+        tasks that have not started yet, and this one must see them in progress, not run inline ahead of them
+        while they wait."""
+        if not self._may_inline(items):
+            return None
+        await asyncio.sleep(0)
+        if not self._may_inline(items):
+            return None
+        return self.pool.try_acquire()
+
+    async def _run_lone(self, instance: Instance, value: Any, items: int, now: float, deadline: float) -> Any:
+        """Run a lone request's batch on ``instance`` now, inline: as if it had been queued and taken at once,
+        failures and metrics included."""
+        pending = Pending(value, items, asyncio.get_running_loop().create_future(), now, deadline)
+        self.busy += 1
+        try:
+            self._queue_wait(0.0)
+            await self._execute(instance, [pending], inline=True)  # does not yield: the call runs here
+        finally:
+            self.busy -= 1
+            self.pool.release(instance)
+            self._done(items)
+        return await pending.future
 
     # -- requests ---------------------------------------------------------------------------------------
 
@@ -286,6 +324,9 @@ class Batcher:
         self.admit(items, now)
         self.learn_arrival(items, now)
         if items <= self.max_batch:
+            instance = await self._lone_instance(items)
+            if instance is not None:
+                return await self._run_lone(instance, value, items, now, deadline)
             return await self._enqueue(value, items, now, deadline)
         # Bigger than a batch: cut into full batches and put the answers back together in order.
         chunks = [self._slice(value, s, min(s + self.max_batch, items)) for s in range(0, items, self.max_batch)]
@@ -584,7 +625,7 @@ class Batcher:
             return []
         return self._take(target)
 
-    async def _execute(self, instance: Instance, batch: list[Pending]) -> None:
+    async def _execute(self, instance: Instance, batch: list[Pending], inline: bool = False) -> None:
         """Run a batch; if it raises, split it and rerun the halves so only the failing requests fail."""
         live = [p for p in batch if not p.future.done()]
         if not live:
@@ -593,7 +634,7 @@ class Batcher:
         total = sum(sizes)
         try:
             inputs = live[0].value if len(live) == 1 else self._concat([p.value for p in live], self.in_dim)
-            result, elapsed = await self._call(instance, inputs, total)
+            result, elapsed = await self._call(instance, inputs, inline)
             parts = self._split(result, sizes)
         except Exception as exc:
             if len(live) == 1:
@@ -601,8 +642,8 @@ class Batcher:
                 return
             log.warning("batch of %d requests to %r failed (%s); bisecting", len(live), self.config.name, exc)
             mid = len(live) // 2
-            await self._execute(instance, live[:mid])
-            await self._execute(instance, live[mid:])
+            await self._execute(instance, live[:mid], inline)
+            await self._execute(instance, live[mid:], inline)
             return
         self.model.observe(total, elapsed)
         self._batch_size(total)

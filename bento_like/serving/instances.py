@@ -250,17 +250,28 @@ class InstancePool:
 
     async def acquire(self, owner: object = None) -> Instance:
         """Wait for an instance that runs no batch, and take it (batched APIs run one batch per instance)."""
-        if self._idle is None:
-            self._idle = asyncio.Queue()
-            for inst in self.instances:
-                self._idle.put_nowait(inst)
+        idle = self._idle_queue()
         self._waiting[owner] = self._waiting.get(owner, 0) + 1
         try:
-            return await self._idle.get()
+            return await idle.get()
         finally:
             self._waiting[owner] -= 1
             if not self._waiting[owner]:
                 del self._waiting[owner]
+
+    def try_acquire(self) -> Instance | None:
+        """An instance that runs no batch and that nobody waits for, taken now; None if there is none."""
+        idle = self._idle_queue()
+        if idle.empty() or self._waiting:
+            return None
+        return idle.get_nowait()
+
+    def _idle_queue(self) -> asyncio.Queue[Instance]:
+        if self._idle is None:  # made on first use: an asyncio.Queue belongs to the running loop
+            self._idle = asyncio.Queue()
+            for inst in self.instances:
+                self._idle.put_nowait(inst)
+        return self._idle
 
     def others_waiting(self, owner: object) -> bool:
         """Whether anyone but ``owner`` waits for an instance."""

@@ -21,6 +21,9 @@ class Threads:
 
     @bl.api(batchable=True, max_batch_size=8, max_latency_ms=200)
     def where_batched(self, x: Annotated[np.ndarray, bl.Shape(-1, 1), bl.DType("float32")]) -> list:
+        """Sleeps the largest x in ms; a negative x fails the batch."""
+        if float(x.min()) < 0:
+            raise ValueError("negative input")
         if float(x.max()) > 0:
             time.sleep(float(x.max()) / 1000)
         return [threading.current_thread().name] * len(x)
