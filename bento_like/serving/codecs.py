@@ -233,10 +233,15 @@ class InputCodec:
                 return None
             if flat.size != math.prod(shape):
                 return None
-            with np.errstate(over="ignore"):
-                arr = flat.astype(dtype).reshape(shape)  # a copy: the input is the model's to write into
-            if dtype.itemsize < 8 and not np.isfinite(arr).all():  # narrower than the parsed doubles: out of range
-                return None
+            # Narrower than the parsed doubles: a value beyond the dtype's range (it would become inf) takes the
+            # general path, which words it. Checked on the doubles, so the cast never overflows: two reductions
+            # cost less than a cast under np.errstate plus an isfinite pass (right after a model run evicted
+            # the caches: 104 against 147 us for 784 floats).
+            if dtype.itemsize < 8 and flat.size:
+                limit = float(np.finfo(dtype).max)
+                if _max(flat) > limit or _min(flat) < -limit:
+                    return None
+            arr = flat.astype(dtype).reshape(shape)  # a copy: the input is the model's to write into
             assert p.array is not None
             kwargs[p.name] = _check_shape(p, p.array, arr)
             # One "[" per array at each level above the numbers: [[1, 2], [3, 4]] has 3. The numbers' buffer
@@ -358,6 +363,9 @@ def _float_array(value: list[Any], depth: int, dtype: np.dtype, code: str | None
     except (OverflowError, ValueError, struct.error):
         return None
     return arr if np.isfinite(arr).all() else None  # JSON has no inf: a value beyond the dtype's range
+
+
+_max, _min = np.maximum.reduce, np.minimum.reduce
 
 
 def _rectangular_shape(value: Any, depth: int) -> list[int] | None:

@@ -133,6 +133,9 @@ def test_fast_path_matches_the_general_path_on_valid_input(api: str, x: list) ->
         ("f32_only", [[]]),
         ("f32_only", "[[1, 2, 3]]"),
         ("f16", [70000, 1]),  # beyond float16
+        ("f16", [65519.0, 1]),  # past float16's largest value, though it rounds to it: the general path decides
+        ("f32_only", [[3.4028235e38, 1, 2]]),  # likewise for float32
+        ("f32_only", [[1, -1e39, 2]]),
         ("f64_3d", [[[1, 2], [3]]]),
     ],
 )
