@@ -294,7 +294,8 @@ class Batcher:
         self.busy += 1
         try:
             self._queue_wait(0.0)
-            await self._execute(instance, [pending], inline=True)  # does not yield: the call runs here
+            # A sync method runs here, without yielding; an async one in this task, holding the instance.
+            await self._execute(instance, [pending], inline=True)
         finally:
             self.busy -= 1
             self.pool.release(instance)

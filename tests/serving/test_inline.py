@@ -112,6 +112,22 @@ def test_steady_concurrent_traffic_does_not_run_inline(start_server) -> None:
     assert len(seen) > 100 and inline <= len(seen) // 30, f"{inline} of {len(seen)} ran inline"
 
 
+def test_an_async_batchable_api_answers_lone_requests_and_bursts_with_their_own_rows(start_server) -> None:
+    # A lone request to an async API runs in its own task (it may yield), holding the instance meanwhile.
+    server = start_server("threads.py:Threads", cwd=SERVICES)
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        for i in range(5):
+            r = client.post("/tripled", json={"x": [[float(i)]]})
+            assert r.status_code == 200 and r.json() == [[3.0 * i]], r.text
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            return list(await asyncio.gather(*(client.post("/tripled", json={"x": [[float(i)]]}) for i in range(24))))
+
+    responses = asyncio.run(burst())
+    assert [r.json() for r in responses] == [[[3.0 * i]] for i in range(24)]
+
+
 def test_inline_can_be_turned_off(start_server) -> None:
     server = start_server("threads.py:Threads", cwd=SERVICES, env={"BENTO_LIKE_INLINE_MS": "0"})
     with httpx.Client(base_url=server.url, timeout=10) as client:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from typing import Annotated
@@ -27,3 +28,8 @@ class Threads:
         if float(x.max()) > 0:
             time.sleep(float(x.max()) / 1000)
         return [threading.current_thread().name] * len(x)
+
+    @bl.api(batchable=True, max_batch_size=8, max_latency_ms=200)
+    async def tripled(self, x: Annotated[np.ndarray, bl.Shape(-1, 1), bl.DType("float32")]) -> np.ndarray:
+        await asyncio.sleep(0.002)
+        return x * 3
