@@ -178,7 +178,10 @@ class Batcher:
         self._cap_seconds = 0.0  # predicted execution of a batch of _cap
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.inline_max = min(INLINE_BATCH_S, self.budget / 4) if inline_ms() > 0 else 0.0
+        # Only a service with one CPU instance runs lone requests inline (no idle instance kept from work).
+        instances = state.pool.instances
+        one_cpu = len(instances) == 1 and instances[0].device == "cpu"
+        self.inline_max = min(INLINE_BATCH_S, self.budget / 4) if inline_ms() > 0 and one_cpu else 0.0
         self._loop_threads_limited = False
         labels = (config.name,)
         metrics = state.metrics
@@ -250,8 +253,8 @@ class Batcher:
         has no other request in progress (so nothing waits unseen while the loop is busy with it), nothing is
         queued or running for this API, traffic is light (fewer than one item expected to arrive while it
         runs: under steady load a request that happens to find the server empty would hold back the next
-        ones, unread, for a whole execution), the service has one CPU instance (no idle instance kept from
-        work) and the batch is predicted to be short (at most ``inline_max``).
+        ones, unread, for a whole execution) and the batch is predicted to be short (at most ``inline_max``,
+        0 unless the service has one CPU instance).
 
         Light traffic is judged twice, because a prediction can be far off (an input the model runs much
         longer on): by the arrival rate against the predicted execution, and by the clients of the last batch,
@@ -265,12 +268,7 @@ class Batcher:
         if self._returning > 0 and now - self.last_done < 0.1:
             return False
         predicted = model.predict(items)
-        return (
-            predicted <= self.inline_max
-            and self.rate.get(now) * predicted < 1.0
-            and len(self.pool.instances) == 1
-            and self.pool.instances[0].device == "cpu"
-        )
+        return predicted <= self.inline_max and self.rate.get(now) * predicted < 1.0
 
     async def _lone_instance(self, items: int) -> Instance | None:
         """The instance a lone request runs on at once, inline, without passing through the queue and the
