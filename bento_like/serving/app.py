@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import math
 import os
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ class ServerState:
         self.watchdog = Watchdog()
         self.endpoints: list[APIEndpoint] = []
         self.in_flight = 0
+        self.concurrent_at = -math.inf  # time.monotonic() when a request last arrived with another in progress
         self.ready = False
         self.failure: str | None = None
 

@@ -42,6 +42,10 @@ INLINE_BATCH_S = 0.02
 """A lone batch predicted to take at most this long (and a quarter of max_latency_ms) may run on the event
 loop's thread (see ``_may_inline``)."""
 
+LONE_QUIET_S = 0.1
+"""A request is lone only if the server has held no two requests at once, and the last batch's clients are all
+back, for this long."""
+
 LAG_SHARE = 0.25
 """At most this share of max_latency_ms is set aside for the event loop's lag at admission."""
 
@@ -256,16 +260,19 @@ class Batcher:
         ones, unread, for a whole execution) and the batch is predicted to be short (at most ``inline_max``,
         0 unless the service has one CPU instance).
 
-        Light traffic is judged twice, because a prediction can be far off (an input the model runs much
-        longer on): by the arrival rate against the predicted execution, and by the clients of the last batch,
-        all of whom must be back (or not within 100 ms) before one of them runs inline."""
-        if self.queued_items or self.busy or self.inline_max <= 0 or self.state.in_flight != 1:
+        Light traffic is judged three ways, because a prediction can be far off (an input the model runs much
+        longer on) and a rate is an average: by the arrival rate against the predicted execution; by the
+        clients of the last batch, all of whom must be back (or not within 100 ms) before one of them runs
+        inline; and by the server's concurrency, which must have stayed at one request for the last 100 ms
+        (several clients that happen to leave the server empty for a moment are not a lone one)."""
+        state = self.state
+        if self.queued_items or self.busy or self.inline_max <= 0 or state.in_flight != 1:
             return False
         model = self.model
         if not model.sizes:
             return False
         now = clock()
-        if self._returning > 0 and now - self.last_done < 0.1:
+        if now - state.concurrent_at < LONE_QUIET_S or (self._returning > 0 and now - self.last_done < LONE_QUIET_S):
             return False
         predicted = model.predict(items)
         return predicted <= self.inline_max and self.rate.get(now) * predicted < 1.0

@@ -73,6 +73,8 @@ class APIEndpoint:
         status = 500
         state.in_flight += 1
         self.in_flight += 1
+        if state.in_flight > 1:
+            state.concurrent_at = time.monotonic()
         try:
             status = await handler(scope, receive, send)
         except ClientGone:

@@ -88,7 +88,9 @@ def test_steady_concurrent_traffic_does_not_run_inline(start_server) -> None:
     # 8 clients that send again as soon as they are answered: between two batches the first client back
     # finds the server empty. Run inline, it would hold the other 7, unread, for its whole execution. Judged
     # by the arrival rate alone, 48 of 721 ran inline here (this model's warm-up input runs in no time, so
-    # its predictions are far too short); with the last batch's clients counted back too, 0-8 of ~730.
+    # its predictions are far too short); with the last batch's clients counted back too, 0-8 of ~730 on an
+    # idle machine but 12-22 of ~600 on a busy one (a CI run failed on it); with the server's concurrency
+    # over the last 100 ms counted too, 0 of 425-778, idle or busy.
     server = start_server("threads.py:Threads", cwd=SERVICES)
 
     async def clients() -> list[str]:
@@ -109,7 +111,7 @@ def test_steady_concurrent_traffic_does_not_run_inline(start_server) -> None:
 
     seen = asyncio.run(clients())
     inline = seen.count("MainThread")
-    assert len(seen) > 100 and inline <= len(seen) // 30, f"{inline} of {len(seen)} ran inline"
+    assert len(seen) > 100 and inline <= len(seen) // 100, f"{inline} of {len(seen)} ran inline"
 
 
 def test_an_async_batchable_api_answers_lone_requests_and_bursts_with_their_own_rows(start_server) -> None:
