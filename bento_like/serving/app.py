@@ -250,6 +250,7 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_st
     app.api_routes = {ep.config.route: ep for ep in endpoints}
     app.state.server = state
     state.metrics.in_flight.collect = lambda: {(ep.name,): ep.in_flight for ep in endpoints}
+    state.metrics.loop_lag.collect = lambda: {(): state.watchdog.lag}
     state.metrics.queue_depth.collect = lambda: {
         (ep.name,): ep.batcher.queued_requests for ep in endpoints if ep.batcher is not None
     }

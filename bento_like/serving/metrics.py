@@ -127,6 +127,13 @@ class Registry:
             )
         )
         self.queue_depth = self.add(Gauge("bento_like_queue_depth", "Requests waiting in a batch queue, by API", ("api",)))
+        self.loop_lag = self.add(
+            Gauge(
+                "bento_like_event_loop_lag_seconds",
+                "How late the event loop runs a timer (moving average): what every request also waits, to be read "
+                "and to be answered, while the loop is busy",
+            )
+        )
         self.batch_size = self.add(
             Histogram("bento_like_batch_size", "Items per executed batch, by API", ("api",), BATCH_BUCKETS)
         )

@@ -20,6 +20,12 @@ class Threads:
             time.sleep(sleep_ms / 1000)
         return threading.current_thread().name
 
+    @bl.api
+    async def blocks_loop(self, ms: float) -> str:
+        """A mistake the loop-lag gauge shows: blocking work in an async method holds the event loop."""
+        time.sleep(ms / 1000)
+        return "done"
+
     @bl.api(batchable=True, max_batch_size=8, max_latency_ms=200)
     def where_batched(self, x: Annotated[np.ndarray, bl.Shape(-1, 1), bl.DType("float32")]) -> list:
         """Sleeps the largest x in ms; a negative x fails the batch."""
