@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Literal, Mapping, Sequence
 
+from .cache import touch
 from ._oci_layout import MEDIA_LAYER_GZIP, BytesReader, ImageError, Layout, atomic_write, canonical_json, link_or_copy
 
 # Part of every layer's cache key: change it whenever the bytes a layer spec turns into would change.
@@ -313,6 +314,7 @@ def build_layers(specs: Sequence[LayerSpec], layout: Layout, cache_dir: Path | N
             cached_blob = record.parent.parent / "blobs" / known["digest"].split(":")[1]
             if cached_blob.is_file():
                 link_or_copy(cached_blob, layout.blob_path(known["digest"]))
+                touch(record)  # used now: `pkg cache prune` removes the least recently used first
                 return LayerResult(spec.comment, known["digest"], known["diff_id"], known["size"], MEDIA_LAYER_GZIP,
                                    "cached")
         digest, diff_id, size = _write_layer(entries, layout, epoch, level)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..bentos import MANIFEST_FILE, BentoError, BentoStore
+from .cache import touch
 from .oci import DEFAULT_USER, BaseImage, ImageConfig, ImageResult, LayerSpec, build_image, default_cache_dir, pip_install
 
 BENTO_DIR = "/home/bento/bento"
@@ -77,7 +78,9 @@ def installed_dependencies(lock: Path, python_version: str, platform: str, cache
     """The locked packages installed for the image, cached by the lock's content: pip runs once per lock."""
     key = hashlib.sha256(lock.read_bytes() + f"{python_version} {platform}".encode()).hexdigest()[:24]
     target = cache_dir / "site-packages" / key
-    if not (target / ".complete").exists():
+    if (target / ".complete").exists():
+        touch(target / ".complete")  # used now: `pkg cache prune` removes the least recently used first
+    else:
         partial = target.with_name(f"{key}.partial-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
         pip_install(lock, partial, python_version=python_version, platform=platform, extra_args=["--no-deps"])

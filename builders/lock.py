@@ -19,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 
 from ..bentos import BentoError
+from .cache import touch
 
 # A linux/amd64 glibc image: the wheel tags pip may pick for it.
 PLATFORMS = {
@@ -58,6 +59,7 @@ def resolve(
     cached = cache_dir / f"{key}.json" if cache_dir else None
     if cached is not None and cached.is_file() and not refresh:
         data = json.loads(cached.read_text())
+        touch(cached)  # used now: `pkg cache prune` removes the least recently used first
         return Lock(data["text"], data["packages"])
     with tempfile.TemporaryDirectory(prefix="bento-lock-") as tmp:
         req_file = Path(tmp) / "requirements.in"

@@ -81,10 +81,12 @@ def serve(target: str, **opts) -> None:  # type: ignore[no-untyped-def]
 
 def _add_groups() -> None:
     from . import bentos, images
+    from .cache import cache_group
     from .models import models_group
     from .optimize import optimize_command
 
     cli.add_command(models_group, name="models")
+    cli.add_command(cache_group, name="cache")
     cli.add_command(optimize_command, name="optimize")
     for command in bentos.COMMANDS + images.COMMANDS:
         cli.add_command(command)

@@ -24,6 +24,8 @@ import msgspec
 
 from bento_like.models import Model, ModelStore, ModelStoreError, home
 
+from ..cache import touch
+
 ENTRY_FILE = "entry.json"
 MEASUREMENT_FILE = "measurement.json"
 _LIBRARIES = ("torch", "onnx", "onnxscript", "onnxruntime", "tensorrt", "triton")
@@ -146,6 +148,7 @@ class PassCache:
             model = ModelStore(path / "store").get(entry.tag)
         except (OSError, msgspec.DecodeError, msgspec.ValidationError, ModelStoreError):
             return None
+        touch(path / ENTRY_FILE)  # used now: `pkg cache prune` removes the least recently used first
         return CachedArtifact(key, path, entry, model)
 
     def put(
