@@ -73,26 +73,23 @@ def touch(path: Path) -> None:
         pass
 
 
-def entries(root: Path | None = None) -> list[CacheEntry]:
-    """Every entry of every build cache under `root` (default `$BENTO_LIKE_HOME/cache`)."""
-    root = root or cache_root()
-    return [*_layers(root / "oci"), *_site_packages(root / "oci"), *_optimize(root / "optimize"), *_locks(root / "locks"),
-            *_leftovers(root)]
+def entries() -> list[CacheEntry]:
+    """Every entry of every build cache, where the builds keep them."""
+    # Imported here: the layer and pass caches import `touch` from this module.
+    from .oci import default_cache_dir
+    from .optimize.cache import default_root
+
+    oci, optimize = default_cache_dir(), default_root()
+    return [*_layers(oci / "layers"), *_site_packages(oci / "site-packages"), *_optimize(optimize),
+            *_locks(cache_root() / "locks"), *_leftovers(oci, optimize)]
 
 
-def prune(
-    *,
-    max_size: int | None = None,
-    older_than: float | None = None,
-    dry_run: bool = False,
-    root: Path | None = None,
-    now: float | None = None,
-) -> PruneReport:
+def prune(*, max_size: int | None = None, older_than: float | None = None, dry_run: bool = False) -> PruneReport:
     """Remove leftovers of dead builds, entries unused for `older_than` seconds, then the least recently used
     until what is left takes at most `max_size` bytes. Entries used within `GRACE_S` stay. `dry_run`: report
     what would go, remove nothing."""
-    now = time.time() if now is None else now
-    found = sorted(entries(root), key=lambda e: e.last_used)
+    now = time.time()
+    found = sorted(entries(), key=lambda e: e.last_used)
     total = sum(e.size for e in found)
     report = PruneReport()
     for entry in found:
@@ -133,10 +130,10 @@ def parse_age(text: str) -> float:
 # -- the caches -------------------------------------------------------------------------------------------
 
 
-def _layers(oci: Path) -> Iterator[CacheEntry]:
-    blobs = oci / "layers" / "blobs"
+def _layers(cache: Path) -> Iterator[CacheEntry]:
+    blobs = cache / "blobs"
     referenced: set[str] = set()
-    for record in sorted((oci / "layers" / "layers").glob("*.json")):
+    for record in sorted((cache / "layers").glob("*.json")):
         try:
             hex_digest = json.loads(record.read_bytes())["digest"].split(":")[1]
         except (OSError, ValueError, KeyError, IndexError, AttributeError):
@@ -149,13 +146,12 @@ def _layers(oci: Path) -> Iterator[CacheEntry]:
         for blob in sorted(blobs.iterdir()):
             if blob.name not in referenced:
                 yield CacheEntry("orphan blob", blob.name, (blob,), _size(blob), _mtime(blob))
-    bases = oci / "layers" / "bases"  # an OCI layout of the registry bases pulled, one entry for all of them
+    bases = cache / "bases"  # an OCI layout of the registry bases pulled, one entry for all of them
     if bases.is_dir():
         yield CacheEntry("base images", "bases", (bases,), _size(bases), _mtime(bases / "index.json"))
 
 
-def _site_packages(oci: Path) -> Iterator[CacheEntry]:
-    directory = oci / "site-packages"
+def _site_packages(directory: Path) -> Iterator[CacheEntry]:
     if directory.is_dir():
         for path in sorted(directory.iterdir()):
             if (path / ".complete").is_file():
@@ -176,11 +172,11 @@ def _locks(directory: Path) -> Iterator[CacheEntry]:
         yield CacheEntry("lock", path.stem, (path,), _size(path), _mtime(path))
 
 
-def _leftovers(root: Path) -> Iterator[CacheEntry]:
+def _leftovers(oci: Path, optimize: Path) -> Iterator[CacheEntry]:
     """What builds leave while they run: stale once their process is gone, or after a day (no build runs
     that long: the PID may have been reused)."""
-    candidates = [*(root / "oci" / "runtime").glob("build-*"), *(root / "oci" / "site-packages").glob("*.partial-*"),
-                  *(root / "optimize").glob(".tmp-*"), *(root / "optimize").glob(".scratch-*")]
+    candidates = [*(oci / "runtime").glob("build-*"), *(oci / "site-packages").glob("*.partial-*"),
+                  *optimize.glob(".tmp-*"), *optimize.glob(".scratch-*")]
     now = time.time()
     for path in sorted(candidates):
         match = _PID.search(path.name)
@@ -191,11 +187,11 @@ def _leftovers(root: Path) -> Iterator[CacheEntry]:
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # PermissionError (someone else's process) means alive too
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's process
-        return True
+    except PermissionError:
+        pass
     return True
 
 
