@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping
 import msgspec
 import numpy as np
 
+from .description import API_EXTENSION
 from .sdk.io import File
 
 JSON = "application/json"
@@ -111,7 +112,7 @@ def parse_openapi(doc: Any) -> tuple[str, dict[str, APIInfo]]:
     apis: dict[str, APIInfo] = {}
     for route, operations in doc["paths"].items():
         post = operations.get("post") if isinstance(operations, dict) else None
-        ext = post.get("x-bento-api") if isinstance(post, dict) else None
+        ext = post.get(API_EXTENSION) if isinstance(post, dict) else None
         if not isinstance(ext, dict):
             continue
         apis[ext["name"]] = APIInfo(

@@ -39,6 +39,7 @@ from ..bentos import (
     encode_manifest,
     sha256_file,
 )
+from ..description import APIDescription, describe, openapi_document
 from ..models import Model, ModelStore, default_store
 from ..models._store import STAGING_DIR
 from ..sdk.loader import load_service
@@ -157,9 +158,8 @@ def build_bento(
         )
         (staged / "env").mkdir()
         (staged / "env" / "requirements.lock.txt").write_text(lock.text)
-        from ..serving import openapi_document  # the one description every surface derives from
-
-        openapi = openapi_document(spec)
+        descriptions = describe(spec)  # what the server derives its routes, codecs and document from too
+        openapi = openapi_document(spec.name, __version__, descriptions)
         (staged / "openapi.json").write_bytes(json.dumps(openapi, sort_keys=True, indent=1).encode())
         entries = tuple(_file_entries(staged, ["openapi.json", "env/requirements.lock.txt"] + [f"src/{f}" for f in files]))
         draft = BentoManifest(
@@ -167,7 +167,7 @@ def build_bento(
             version="0",
             service=cfg.service,
             service_name=spec.name,
-            apis=_apis(openapi),
+            apis=_manifest_apis(descriptions),
             models=tuple(models),
             resources=dataclasses.asdict(spec.resources),
             traffic=dataclasses.asdict(spec.traffic),
@@ -314,20 +314,17 @@ def _file_entries(root: Path, paths: list[str]) -> list[FileEntry]:
     return [FileEntry(path=p, size=(root / p).stat().st_size, sha256=sha256_file(root / p)) for p in sorted(paths)]
 
 
-def _apis(openapi: dict[str, Any]) -> tuple[APIEntry, ...]:
-    apis = []
-    for route, ops in sorted(openapi["paths"].items()):
-        info = ops.get("post", {}).get("x-bento-api")
-        if info:
-            apis.append(
-                APIEntry(
-                    name=info["name"],
-                    route=route,
-                    inputs=info["inputs"],
-                    output=info["output"],
-                    batchable=info["batchable"],
-                    max_batch_size=info["max_batch_size"],
-                    max_latency_ms=info["max_latency_ms"],
-                )
-            )
-    return tuple(apis)
+def _manifest_apis(descriptions: list[APIDescription]) -> tuple[APIEntry, ...]:
+    """The manifest's API entries, by route: what the runtime and tools read without importing the service."""
+    return tuple(
+        APIEntry(
+            name=api.name,
+            route=api.route,
+            inputs={p.name: p.kind for p in api.params},
+            output=api.output_kind,
+            batchable=api.config.batchable,
+            max_batch_size=api.config.max_batch_size,
+            max_latency_ms=api.config.max_latency_ms,
+        )
+        for api in sorted(descriptions, key=lambda d: d.route)
+    )

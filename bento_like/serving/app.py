@@ -25,6 +25,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .. import __version__
+from ..description import openapi_document
 from ..sdk.service import ServiceSpec
 from .errors import HTTPError
 from .batching import Batcher
@@ -32,7 +33,7 @@ from .deadlines import Watchdog
 from .instances import InstancePool
 from .metrics import Registry, publish, published
 from .v2 import v2_routes
-from .openapi import SWAGGER_HTML, build_openapi
+from .openapi import SWAGGER_HTML
 from .routes import APIEndpoint
 
 log = logging.getLogger("bento_like.serving")
@@ -127,12 +128,6 @@ class ServerState:
                 ep.batcher.stop()
 
 
-def openapi_document(spec: ServiceSpec) -> dict[str, Any]:
-    """The OpenAPI document a server of this service publishes, without building any instance."""
-    state = ServerState(spec, ServeOptions())
-    return build_openapi(spec.name, __version__, [APIEndpoint(state, e.attr, e.config) for e in spec.apis])
-
-
 METRICS_DIR_ENV = "BENTO_LIKE_METRICS_DIR"
 """Set by the supervisor of --workers N: where each worker publishes its metrics for the others to serve."""
 METRICS_PUBLISH_S = 1.0
@@ -158,7 +153,7 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_st
     for ep in endpoints:
         if ep.config.batchable:
             ep.batcher = Batcher(state, ep.attr, ep.config, ep.is_async, state.max_queue)
-    openapi = msgspec.json.encode(build_openapi(spec.name, __version__, endpoints))
+    openapi = msgspec.json.encode(openapi_document(spec.name, __version__, [ep.codec.description for ep in endpoints]))
     docs_html = SWAGGER_HTML.format(title=spec.name)
 
     async def livez(request: Request) -> Response:

@@ -1,20 +1,18 @@
-"""Request decoding and response encoding for one API, derived once from its signature.
+"""Request decoding and response encoding for one API, from its description.
 
-The input of an API is a msgspec Struct built from its parameters, so a JSON body is decoded and validated in
-one pass and every error names the field path. Arrays are decoded by numpy and checked against the declared
-dtype and shape; files come from multipart parts, a raw body, or base64 in JSON.
+The input of an API is the msgspec Struct its description (bento_like.description) derives from its parameters,
+so a JSON body is decoded and validated in one pass and every error names the field path. Arrays are decoded by
+numpy and checked against the declared dtype and shape; files come from multipart parts, a raw body, or base64 in
+JSON.
 """
 
 from __future__ import annotations
 
 import base64
-import inspect
 import itertools
 import math
 import struct
-import typing
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -24,8 +22,8 @@ try:
 except ImportError:  # optional speed-up: without it float arrays decode through msgspec
     _simdjson = None
 
-from ..sdk.api import APIConfig, ServiceDefinitionError
-from ..sdk.io import ArraySpec, File, array_spec, is_ndarray_type
+from ..description import APIDescription, Parameter
+from ..sdk.io import ArraySpec, File
 from .errors import HTTPError, bad_request, validation_error
 
 JSON = "application/json"
@@ -54,14 +52,6 @@ def _dec_hook(tp: Any, obj: Any) -> Any:
     raise NotImplementedError(f"cannot decode {tp!r}")
 
 
-def _schema_hook(tp: Any) -> dict[str, Any]:
-    if tp is np.ndarray:
-        return {"type": "array", "items": {}, "description": "a (nested) list of numbers: an n-dimensional array"}
-    if tp is File:
-        return {"type": "string", "format": "binary"}
-    raise NotImplementedError(f"no JSON schema for {tp!r}")
-
-
 def _enc_hook(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         return obj.tolist()
@@ -75,40 +65,14 @@ def _enc_hook(obj: Any) -> Any:
 json_encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
 
 
-@dataclass(frozen=True)
-class Param:
-    name: str
-    annotation: Any
-    kind: str  # "json", "ndarray", "bytes", "file", "str"
-    array: ArraySpec | None
-    required: bool
-
-
 class InputCodec:
     """Turns a request body into keyword arguments for the API method."""
 
-    def __init__(self, api: APIConfig, func: Callable[..., Any]) -> None:
-        self.api = api
-        try:
-            hints = typing.get_type_hints(func, include_extras=True)
-        except Exception as exc:  # an unresolvable forward reference, named by the exception
-            raise ServiceDefinitionError(f"API {api.name!r}: cannot resolve its type annotations: {exc}") from exc
-        sig = inspect.signature(func)
-        params: list[Param] = []
-        fields: list[tuple[Any, ...]] = []
-        for name in api.params:
-            p = sig.parameters[name]
-            ann = hints.get(name, Any)
-            spec = array_spec(ann)
-            kind = _kind(ann, spec)
-            field_type = np.ndarray if spec is not None else ann
-            required = p.default is inspect.Parameter.empty
-            params.append(Param(name, ann, kind, spec, required))
-            fields.append((name, field_type) if required else (name, field_type, p.default))
-        self.params = tuple(params)
-        self.struct = msgspec.defstruct(
-            f"{api.name}_input", fields, forbid_unknown_fields=True, kw_only=True, module=__name__
-        )
+    def __init__(self, description: APIDescription) -> None:
+        self.description = description
+        self.params = description.params
+        self.struct = description.input_struct
+        params = self.params
         self._decoder = msgspec.json.Decoder(self.struct, dec_hook=_dec_hook)
         self._arrays = tuple(p for p in params if p.array is not None and (p.array.dtype or p.array.shape))
         # Float arrays of declared rank decode faster as typed nested lists (msgspec checks every element is
@@ -130,20 +94,16 @@ class InputCodec:
         self._fast_decoder = None
         if self._float_arrays:
             typed = {p.name: _nested_list(float, depth) for p, depth, _, _ in self._float_arrays}
-            fast_fields = [(f[0], typed.get(f[0], f[1]), *f[2:]) for f in fields]
+            fast_fields = [
+                (p.name, typed.get(p.name, p.field_type), *(() if p.required else (p.default,))) for p in params
+            ]
             fast = msgspec.defstruct(
-                f"{api.name}_input_fast", fast_fields, forbid_unknown_fields=True, kw_only=True, module=__name__
+                f"{description.name}_input_fast", fast_fields, forbid_unknown_fields=True, kw_only=True,
+                module=__name__,
             )
             self._fast_decoder = msgspec.json.Decoder(fast, dec_hook=_dec_hook)
         # A single bytes/File input may arrive as the raw body.
-        self.raw_param = params[0] if len(params) == 1 and params[0].kind in ("bytes", "file") else None
-        try:  # a type msgspec cannot decode or describe fails here, at load, not on the first request
-            msgspec.json.schema_components([self.struct], schema_hook=_schema_hook)
-        except (TypeError, NotImplementedError) as exc:
-            raise ServiceDefinitionError(
-                f"API {api.name!r}: an input type cannot be served ({exc}); use builtins, msgspec Structs, "
-                "dataclasses, np.ndarray, bytes or bento_like.File"
-            ) from None
+        self.raw_param = description.raw_input
 
     def example(self, items: int, batch_dim: int = 0) -> dict[str, Any] | None:
         """Zero-filled arguments for warm-up, when every input is an array of declared shape (else None)."""
@@ -154,7 +114,7 @@ class InputCodec:
                     return None
                 continue
             shape = [1 if d == -1 else d for d in p.array.shape]
-            if self.api.batchable and batch_dim < len(shape):
+            if self.description.config.batchable and batch_dim < len(shape):
                 shape[batch_dim] = items
             kwargs[p.name] = np.zeros(shape, dtype=p.array.dtype or "float32")
         return kwargs
@@ -163,7 +123,7 @@ class InputCodec:
         if not body.strip():
             if any(p.required for p in self.params):
                 raise HTTPError(
-                    400, f"empty body: API {self.api.name!r} takes a JSON object with " + _describe(self.params)
+                    400, f"empty body: API {self.description.name!r} takes a JSON object with " + _describe(self.params)
                 )
             body = b"{}"
         if self._simd:
@@ -276,7 +236,7 @@ class InputCodec:
         return kwargs
 
 
-def _check_array(p: Param, arr: Any) -> Any:
+def _check_array(p: Parameter, arr: Any) -> Any:
     spec = p.array
     assert spec is not None
     if arr is None:
@@ -294,7 +254,7 @@ def _check_array(p: Param, arr: Any) -> Any:
     return _check_shape(p, spec, arr)
 
 
-def _check_shape(p: Param, spec: ArraySpec, arr: Any) -> Any:
+def _check_shape(p: Parameter, spec: ArraySpec, arr: Any) -> Any:
     if spec.shape is not None:
         ok = arr.ndim == len(spec.shape) and all(d == -1 or d == s for d, s in zip(spec.shape, arr.shape))
         if not ok:
@@ -392,31 +352,8 @@ def _nested_list(leaf: Any, depth: int) -> Any:
     return tp
 
 
-def _kind(ann: Any, spec: ArraySpec | None) -> str:
-    if spec is not None:
-        return "ndarray"
-    if ann is bytes:
-        return "bytes"
-    if ann is File:
-        return "file"
-    if ann is str:
-        return "str"
-    return "json"
-
-
-def _describe(params: tuple[Param, ...]) -> str:
+def _describe(params: tuple[Parameter, ...]) -> str:
     return "fields " + ", ".join(f"{p.name!r}" + ("" if p.required else " (optional)") for p in params)
-
-
-def output_kind(func: Callable[..., Any]) -> str:
-    """How an API's result travels: json, ndarray (JSON lists), bytes, file, str, or stream (SSE)."""
-    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
-        return "stream"
-    try:
-        ann = typing.get_type_hints(func, include_extras=True).get("return", Any)
-    except Exception:
-        ann = Any
-    return _kind(ann, array_spec(ann))
 
 
 def encode_result(value: Any) -> tuple[bytes, str]:
@@ -442,7 +379,3 @@ def media_type(content_type: str | None) -> str:
     if not content_type:
         return ""
     return content_type.split(";", 1)[0].strip().lower()
-
-
-def is_ndarray(ann: Any) -> bool:
-    return is_ndarray_type(ann) or array_spec(ann) is not None

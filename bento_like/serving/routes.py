@@ -15,6 +15,7 @@ from typing import Any, Awaitable, Callable
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
+from ..description import describe_api
 from ..sdk.api import APIConfig
 from ..sdk.io import File
 from .codecs import (
@@ -25,7 +26,6 @@ from .codecs import (
     InputCodec,
     encode_result,
     media_type,
-    output_kind,
     sse_event,
 )
 from .deadlines import ClientGone
@@ -45,8 +45,8 @@ class APIEndpoint:
         self.attr = attr
         self.config = config
         func = getattr(state.spec.cls, attr)
-        self.codec = InputCodec(config, func)
-        self.output = output_kind(func)
+        self.codec = InputCodec(describe_api(func, config))
+        self.output = self.codec.description.output_kind
         self.is_async = inspect.iscoroutinefunction(func)
         self.is_async_gen = inspect.isasyncgenfunction(func)
         self.is_gen = inspect.isgeneratorfunction(func)

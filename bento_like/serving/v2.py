@@ -1,10 +1,10 @@
 """Open Inference Protocol (KServe v2) REST routes, next to the native ones, for APIs that take and give tensors.
 
 An API is a v2 model when its inputs are arrays (or ``bytes``/``str``, each one BYTES element) and its output is
-an array, or a fixed tuple, NamedTuple or TypedDict of arrays. A model's tensors (names, datatypes, shapes) are
-derived once from the API's signature, like the native codec and the OpenAPI schema. Inference runs through the
-API's own endpoint (``APIEndpoint.serve`` and ``invoke``), so admission, batching, body limits, deadlines and
-metrics are those of the native route.
+an array, or a fixed tuple, NamedTuple or TypedDict of arrays. A model's tensors (names, datatypes, shapes) come
+from the API's description (bento_like.description), like the native codec and the OpenAPI schema. Inference
+runs through the API's own endpoint (``APIEndpoint.serve`` and ``invoke``), so admission, batching, body limits,
+deadlines and metrics are those of the native route.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import struct
-import typing
 import zlib
 from typing import Any
 
@@ -24,7 +23,8 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from .. import __version__
-from ..sdk.io import ArraySpec, array_spec
+from ..description import APIDescription
+from ..sdk.io import ArraySpec
 from .errors import HTTPError
 
 VERSION = "1"
@@ -233,12 +233,12 @@ class Model:
 
 def model_of(endpoint: Any) -> Model | None:
     """The v2 model an API is, or None when it is not tensor-shaped."""
-    config = endpoint.config
-    params = endpoint.codec.params
-    if not params or endpoint.output == "stream":
+    description = endpoint.codec.description
+    config = description.config
+    if not description.params or description.output_kind == "stream":
         return None
     inputs = []
-    for p in params:
+    for p in description.params:
         if p.kind == "ndarray":
             tensor = _array_tensor(p.name, p.array, config.input_batch_dim if config.batchable else None)
             if tensor is None:
@@ -248,48 +248,30 @@ def model_of(endpoint: Any) -> Model | None:
             inputs.append(Tensor(p.name, "BYTES", None, (1,), p.kind, p.required))
         else:
             return None
-    found = _outputs(endpoint)
+    found = _outputs(description)
     if found is None:
         return None
     outputs, form = found
     return Model(endpoint, inputs, outputs, form)
 
 
-def _outputs(endpoint: Any) -> tuple[list[Tensor], str] | None:
-    batch_dim = endpoint.config.output_batch_dim if endpoint.config.batchable else None
-    try:
-        found = _output_types(getattr(endpoint.state.spec.cls, endpoint.attr), endpoint.config.batchable)
-    except (NameError, TypeError):  # an unresolvable annotation: the native route treats it as Any too
+def _outputs(description: APIDescription) -> tuple[list[Tensor], str] | None:
+    """The output tensors of an API whose return annotation declares arrays, and how the API returns them.
+
+    A batchable API returns one array: the batcher cuts one per request out of a batch's result, not tuples."""
+    form = description.output_form
+    batchable = description.config.batchable
+    if form is None or (batchable and form != "array"):
         return None
-    if found is None:
-        return None
-    named, form = found
+    batch_dim = description.config.output_batch_dim if batchable else None
     tensors = []
-    for name, tp in named:
-        spec = array_spec(tp)
-        tensor = _array_tensor(name, spec, batch_dim, output=True) if spec is not None else None
+    for i, part in enumerate(description.output_parts):
+        name = part.name or (SINGLE_OUTPUT if form == "array" else f"{SINGLE_OUTPUT}__{i}")
+        tensor = _array_tensor(name, part.array, batch_dim, output=True) if part.array is not None else None
         if tensor is None:
             return None
         tensors.append(tensor)
     return tensors, form
-
-
-def _output_types(func: Any, batchable: bool) -> tuple[list[tuple[str, Any]], str] | None:
-    """The named output types an API's return annotation declares, and how the API returns them."""
-    ann = typing.get_type_hints(func, include_extras=True).get("return")
-    if array_spec(ann) is not None:
-        return [(SINGLE_OUTPUT, ann)], "array"
-    if batchable:
-        return None  # the batcher cuts one array per request out of a batch's result, not tuples of them
-    if isinstance(ann, type) and issubclass(ann, tuple) and hasattr(ann, "_fields"):
-        hints = typing.get_type_hints(ann, include_extras=True)
-        return [(f, hints.get(f)) for f in ann._fields], "tuple"
-    if typing.is_typeddict(ann):
-        return list(typing.get_type_hints(ann, include_extras=True).items()), "dict"
-    args = typing.get_args(ann)
-    if typing.get_origin(ann) is tuple and args and Ellipsis not in args:
-        return [(f"{SINGLE_OUTPUT}__{i}", t) for i, t in enumerate(args)], "tuple"
-    return None
 
 
 def _array_tensor(name: str, spec: ArraySpec | None, batch_dim: int | None, output: bool = False) -> Tensor | None:

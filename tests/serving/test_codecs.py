@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import bento_like as bl
+from bento_like.description import describe_api
 from bento_like.sdk.service import get_spec
 from bento_like.serving import codecs
 from bento_like.serving.codecs import InputCodec
@@ -47,7 +48,7 @@ class Arrays:
 
 def codec(name: str) -> InputCodec:
     entry = next(e for e in get_spec(Arrays).apis if e.attr == name)
-    return InputCodec(entry.config, getattr(Arrays, name))
+    return InputCodec(describe_api(getattr(Arrays, name), entry.config))
 
 
 def general(c: InputCodec, body: bytes) -> dict[str, Any]:

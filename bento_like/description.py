@@ -1,0 +1,295 @@
+"""One description per served API, derived once from its declaration; every surface of the API reads it.
+
+The runtime's codec decodes requests with the input Struct described here and the Open Inference Protocol takes
+its tensors from it; the OpenAPI document (with the ``x-bento-api`` extension the client builds its methods from)
+and the bento manifest's API entries are written from it. It imports no web framework and nothing of the runtime
+or the builders, so ``pkg build`` describes a service without the server that will run it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import msgspec
+import numpy as np
+
+from .sdk.api import APIConfig, ServiceDefinitionError
+from .sdk.io import ArraySpec, File, array_spec
+from .sdk.service import ServiceSpec
+
+API_EXTENSION = "x-bento-api"
+"""The OpenAPI operation extension that says how an API's inputs and output travel (the client reads it)."""
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One input of an API and how it travels."""
+
+    name: str
+    annotation: Any
+    kind: str  # "json", "ndarray", "bytes", "file", "str"
+    array: ArraySpec | None  # set for array inputs: the dtype and shape they must have
+    required: bool
+    default: Any = None  # the default of an input that is not required
+
+    @property
+    def field_type(self) -> Any:
+        """The type the input Struct decodes it as: an array as np.ndarray, checked against ``array`` after."""
+        return np.ndarray if self.array is not None else self.annotation
+
+
+@dataclass(frozen=True)
+class OutputPart:
+    """One part of a result whose annotation declares parts: the array itself, or an item of a fixed tuple,
+    NamedTuple or TypedDict (the Open Inference Protocol makes each an output tensor when it is an array)."""
+
+    name: str | None  # the field or key; None for the result itself and the items of a plain tuple
+    array: ArraySpec | None  # None when this part is not declared as an array
+
+
+@dataclass(frozen=True)
+class APIDescription:
+    """Everything the served surfaces need of one API, taken from its signature and ``@api`` options."""
+
+    config: APIConfig
+    params: tuple[Parameter, ...]
+    input_struct: type[msgspec.Struct]  # a JSON body (or form) decodes into it, validated in one pass
+    output: Any  # the return annotation; Any when there is none
+    output_kind: str  # "json", "ndarray", "bytes", "file", "str", or "stream" for a generator
+    output_form: str | None  # "array", "tuple" or "dict" when the annotation declares its parts, else None
+    output_parts: tuple[OutputPart, ...]  # in the order the result holds them
+    summary: str | None  # the first line of the docstring
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def route(self) -> str:
+        return self.config.route
+
+    @property
+    def raw_input(self) -> Parameter | None:
+        """The one bytes/File input of an API that takes only that: it may also arrive as the whole body."""
+        if len(self.params) == 1 and self.params[0].kind in ("bytes", "file"):
+            return self.params[0]
+        return None
+
+    def extension(self) -> dict[str, Any]:
+        """The ``x-bento-api`` value of the API's OpenAPI operation."""
+        return {
+            "name": self.name,
+            "inputs": {p.name: p.kind for p in self.params},
+            "required": [p.name for p in self.params if p.required],
+            "output": self.output_kind,
+            "batchable": self.config.batchable,
+            "max_batch_size": self.config.max_batch_size,
+            "max_latency_ms": self.config.max_latency_ms,
+        }
+
+
+def describe(spec: ServiceSpec) -> list[APIDescription]:
+    """The description of every API of a service, in declaration order; raises ServiceDefinitionError for an
+    API that cannot be served."""
+    return [describe_api(getattr(spec.cls, entry.attr), entry.config) for entry in spec.apis]
+
+
+def describe_api(func: Callable[..., Any], config: APIConfig) -> APIDescription:
+    """Describe the API ``config`` declares on ``func``.
+
+    A type that cannot be decoded or described, or an annotation that does not resolve, fails here, at load,
+    rather than on the first request."""
+    try:
+        hints = typing.get_type_hints(func, include_extras=True)
+    except Exception as exc:  # an unresolvable forward reference, named by the exception
+        raise ServiceDefinitionError(f"API {config.name!r}: cannot resolve its type annotations: {exc}") from exc
+    signature = inspect.signature(func)
+    params = []
+    for name in config.params:
+        default = signature.parameters[name].default
+        annotation = hints.get(name, Any)
+        spec = array_spec(annotation)
+        required = default is inspect.Parameter.empty
+        params.append(
+            Parameter(name, annotation, _kind(annotation, spec), spec, required, None if required else default)
+        )
+    output = hints.get("return", Any)
+    streams = inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func)
+    form, parts = _output_parts(output)
+    return APIDescription(
+        config=config,
+        params=tuple(params),
+        input_struct=_input_struct(config.name, params),
+        output=output,
+        output_kind="stream" if streams else _kind(output, array_spec(output)),
+        output_form=form,
+        output_parts=parts,
+        summary=(func.__doc__ or "").strip().split("\n")[0] or None,
+    )
+
+
+def _kind(annotation: Any, spec: ArraySpec | None) -> str:
+    if spec is not None:
+        return "ndarray"
+    if annotation is bytes:
+        return "bytes"
+    if annotation is File:
+        return "file"
+    if annotation is str:
+        return "str"
+    return "json"
+
+
+def _input_struct(api_name: str, params: list[Parameter]) -> type[msgspec.Struct]:
+    fields = [(p.name, p.field_type) if p.required else (p.name, p.field_type, p.default) for p in params]
+    struct = msgspec.defstruct(f"{api_name}_input", fields, forbid_unknown_fields=True, kw_only=True, module=__name__)
+    try:  # msgspec describes exactly the types it can decode
+        msgspec.json.schema_components([struct], schema_hook=_schema_hook)
+    except (TypeError, NotImplementedError) as exc:
+        raise ServiceDefinitionError(
+            f"API {api_name!r}: an input type cannot be served ({exc}); use builtins, msgspec Structs, "
+            "dataclasses, np.ndarray, bytes or bento_like.File"
+        ) from None
+    return struct
+
+
+def _output_parts(annotation: Any) -> tuple[str | None, tuple[OutputPart, ...]]:
+    """How a result declared as ``annotation`` holds its parts: one array, a fixed tuple or NamedTuple, or a
+    TypedDict. (None, ()) for anything else, and for parts whose own annotations do not resolve."""
+    spec = array_spec(annotation)
+    if spec is not None:
+        return "array", (OutputPart(None, spec),)
+    try:
+        if isinstance(annotation, type) and issubclass(annotation, tuple) and hasattr(annotation, "_fields"):
+            hints = typing.get_type_hints(annotation, include_extras=True)
+            return "tuple", tuple(OutputPart(f, array_spec(hints.get(f))) for f in annotation._fields)
+        if typing.is_typeddict(annotation):
+            hints = typing.get_type_hints(annotation, include_extras=True)
+            return "dict", tuple(OutputPart(k, array_spec(t)) for k, t in hints.items())
+    except (NameError, TypeError):
+        return None, ()
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is tuple and args and Ellipsis not in args:
+        return "tuple", tuple(OutputPart(None, array_spec(t)) for t in args)
+    return None, ()
+
+
+# --- the OpenAPI 3.1 document -----------------------------------------------------------------------------------
+
+_ERROR_STATUSES = {
+    "400": "Malformed body (bad JSON)",
+    "413": "Body larger than the server's limit",
+    "415": "Unsupported Content-Type",
+    "422": "A field is missing or has the wrong type; `field` names its path",
+    "429": "Too many concurrent requests; retry after Retry-After seconds",
+    "500": "The API raised; `error_id` matches the traceback in the server log",
+    "503": "Not ready yet; retry after Retry-After seconds",
+    "504": "The API did not finish within the service's timeout",
+}
+
+
+def openapi_document(service_name: str, version: str, descriptions: list[APIDescription]) -> dict[str, Any]:
+    """The OpenAPI 3.1 document a server of these APIs publishes at ``/openapi.json``, and a bento carries."""
+    schemas_for, components = _components([d.input_struct for d in descriptions], [d.output for d in descriptions])
+    components["Error"] = {
+        "type": "object",
+        "properties": {
+            "error": {"type": "string"},
+            "status": {"type": "integer"},
+            "field": {"type": "string"},
+            "error_id": {"type": "string"},
+        },
+        "required": ["error", "status"],
+    }
+    paths: dict[str, Any] = {}
+    for i, d in enumerate(descriptions):
+        input_schema = schemas_for[i]
+        for p in d.params:
+            if p.array is not None and (p.array.shape or p.array.dtype):
+                components[d.input_struct.__name__]["properties"][p.name] = _array_schema(p.array)
+        content: dict[str, Any] = {"application/json": {"schema": input_schema}}
+        if d.params:
+            content["multipart/form-data"] = {"schema": input_schema}
+        if d.raw_input is not None:
+            content["application/octet-stream"] = {"schema": {"type": "string", "format": "binary"}}
+        operation: dict[str, Any] = {"operationId": d.name}
+        if d.summary is not None:
+            operation["summary"] = d.summary
+        operation["requestBody"] = {"required": any(p.required for p in d.params), "content": content}
+        output_schema = schemas_for[len(descriptions) + i]
+        operation["responses"] = {
+            "200": {"description": "Result", "content": _output_content(d.output_kind, output_schema)},
+            **{status: _error_response(text) for status, text in _ERROR_STATUSES.items()},
+        }
+        operation[API_EXTENSION] = d.extension()
+        paths[d.route] = {"post": operation}
+    for path, summary in (("/livez", "Alive"), ("/readyz", "Ready to serve"), ("/metrics", "Prometheus metrics")):
+        paths[path] = {"get": {"summary": summary, "responses": {"200": {"description": "OK"}}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": service_name, "version": version},
+        "paths": paths,
+        "components": {"schemas": components},
+    }
+
+
+def _error_response(text: str) -> dict[str, Any]:
+    return {"description": text, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def _schema_hook(tp: Any) -> dict[str, Any]:
+    if tp is np.ndarray:
+        return {"type": "array", "items": {}, "description": "a (nested) list of numbers: an n-dimensional array"}
+    if tp is File:
+        return {"type": "string", "format": "binary"}
+    raise NotImplementedError(f"no JSON schema for {tp!r}")
+
+
+def _array_schema(spec: ArraySpec) -> dict[str, Any]:
+    kind = np.dtype(spec.dtype).kind if spec.dtype else "f"
+    leaf: dict[str, Any] = {"type": "integer" if kind in "iu" else "boolean" if kind == "b" else "number"}
+    if spec.shape is None:
+        return {"type": "array", "items": {}, "x-dtype": spec.dtype}
+    schema = leaf
+    for dim in reversed(spec.shape):
+        schema = {"type": "array", "items": schema}
+        if dim != -1:
+            schema["minItems"] = schema["maxItems"] = dim
+    if spec.dtype:
+        schema["x-dtype"] = spec.dtype
+    schema["x-shape"] = list(spec.shape)
+    return schema
+
+
+def _components(structs: list[Any], outputs: list[Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The schemas of the inputs, then of the outputs, and the components they refer to.
+
+    An output type msgspec cannot describe (a Response, an iterator, a custom class) is described as anything,
+    on its own: the other APIs keep their schemas."""
+    describable = [t for t in outputs if _describable(t)]
+    schemas, components = msgspec.json.schema_components(
+        list(structs) + describable, schema_hook=_schema_hook, ref_template="#/components/schemas/{name}"
+    )
+    found = iter(schemas[len(structs):])
+    return list(schemas[: len(structs)]) + [next(found) if _describable(t) else {} for t in outputs], dict(components)
+
+
+def _describable(tp: Any) -> bool:
+    try:
+        msgspec.json.schema(tp, schema_hook=_schema_hook)
+        return True
+    except (TypeError, NotImplementedError, ValueError):
+        return False
+
+
+def _output_content(kind: str, schema: dict[str, Any]) -> dict[str, Any]:
+    if kind == "stream":
+        return {"text/event-stream": {"schema": {"type": "string"}}}
+    if kind in ("bytes", "file"):
+        return {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+    if kind == "str":
+        return {"text/plain": {"schema": {"type": "string"}}}
+    return {"application/json": {"schema": schema}}
