@@ -134,6 +134,14 @@ WALLS = [
         lambda t: _within(t, "bento_like.cli"),
     ),
     Wall(
+        "the batching policy imports nothing of asyncio, pools or metrics: a simulator drives it with its own clock",
+        lambda m: m in ("bento_like.serving.batching.policy", "bento_like.serving.batching.estimators"),
+        lambda t: _within(t, "asyncio", "threading", "concurrent", "time")
+        or (_within(t, "bento_like") and not _within(
+            t, "bento_like.serving.tuning", "bento_like.serving.batching.policy", "bento_like.serving.batching.estimators"
+        )),
+    ),
+    Wall(
         "the API description imports no web framework and nothing of serving, builders or cli",
         lambda m: _within(m, "bento_like.description"),
         lambda t: _within(t, *WEB_FRAMEWORKS, "bento_like.serving", "bento_like.builders", "bento_like.cli"),
@@ -143,7 +151,7 @@ WALLS = [
 
 def test_every_room_the_walls_name_is_found() -> None:
     """A walker that found nothing would pass every wall."""
-    rooms = ("sdk", "serving", "builders", "kernels", "cli", "description")
+    rooms = ("sdk", "serving", "serving.batching.policy", "builders", "kernels", "cli", "description")
     missing = [f"bento_like.{r}" for r in rooms if not any(_within(m, f"bento_like.{r}") for m in MODULES)]
     assert not missing, f"no module found for {', '.join(missing)} among the {len(MODULES)} modules of bento_like"
     assert any(_within(i.target, "bento_like.serving") for i in IMPORTS), "no import of serving found at all"
@@ -163,6 +171,27 @@ def test_wall(wall: Wall) -> None:
             ),
             pytrace=False,
         )
+
+
+def test_only_tuning_reads_the_runtime_s_environment() -> None:
+    """The runtime's settings are read once, in serving/tuning.py, and sent to the workers with the others:
+    no other module of serving names a ``BENTO_LIKE_`` variable (docstrings aside)."""
+    found = []
+    for module, path in MODULES.items():
+        if not _within(module, "bento_like.serving") or module == "bento_like.serving.tuning":
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
+        }
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+                    and "BENTO_LIKE_" in node.value):
+                found.append(f"{path}:{node.lineno}: {module} names {node.value!r}")
+    assert not found, "\n".join(found)
 
 
 def test_the_walker_resolves_relative_imports_and_sees_imports_inside_functions(tmp_path: Path) -> None:

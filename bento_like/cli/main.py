@@ -56,6 +56,7 @@ def serve(target: str, **opts) -> None:  # type: ignore[no-untyped-def]
     """Serve TARGET: a service as file.py:Class or module:Class, or a bento (name:version or its directory)."""
     from ..sdk.api import ServiceDefinitionError
     from ..serving import ServeOptions, serve as run
+    from ..serving.tuning import SettingsError
 
     try:
         run(
@@ -75,7 +76,7 @@ def serve(target: str, **opts) -> None:  # type: ignore[no-untyped-def]
                 max_queue=opts["max_queue"],
             ),
         )
-    except ServiceDefinitionError as exc:
+    except (ServiceDefinitionError, SettingsError) as exc:
         raise click.ClickException(str(exc)) from None
 
 

@@ -55,6 +55,10 @@ STAGING_DIR = ".tmp"
 _STALE_STAGING_S = 24 * 3600
 
 
+MODEL_STORE_ENV = "BENTO_LIKE_MODEL_STORE"
+"""Set when serving a bento: the bento's own models/, which the default store then is."""
+
+
 def home() -> Path:
     """$BENTO_LIKE_HOME, or ~/.bento_like; read at each call so a process can point it elsewhere."""
     return Path(os.environ.get("BENTO_LIKE_HOME") or "~/.bento_like").expanduser()
@@ -321,5 +325,5 @@ class ModelStore:
 
 def default_store() -> ModelStore:
     """$BENTO_LIKE_MODEL_STORE (set when serving a bento: its own models/), else $BENTO_LIKE_HOME/models."""
-    override = os.environ.get("BENTO_LIKE_MODEL_STORE")
+    override = os.environ.get(MODEL_STORE_ENV)
     return ModelStore(Path(override) if override else home() / "models")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import math
 import os
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -27,14 +26,16 @@ from starlette.staticfiles import StaticFiles
 from .. import __version__
 from ..description import openapi_document
 from ..sdk.service import ServiceSpec
-from .errors import HTTPError
-from .batching import Batcher
+from .batching import Batcher, BatchMetrics
 from .deadlines import Watchdog
+from .errors import HTTPError
 from .instances import InstancePool
 from .metrics import Registry, publish, published
-from .v2 import v2_routes
 from .openapi import SWAGGER_HTML
+from .placement import BatchPlacement, ServerLoad
 from .routes import APIEndpoint
+from .tuning import Tuning
+from .v2 import v2_routes
 
 log = logging.getLogger("bento_like.serving")
 
@@ -51,23 +52,28 @@ class ServeOptions:
     max_queue: int | None = None
     workers: int = 1
     worker_id: str | None = None
+    tuning: Tuning | None = None  # read from the environment once by `pkg serve`, and sent to every worker
+    metrics_dir: str | None = None  # set by the supervisor of --workers N: where workers publish their metrics
 
 
 class ServerState:
+    """What the routes of one server process share: the service, its limits and settings, its instances, its
+    metrics and its watchdog, how many requests it holds, and whether it is ready."""
+
     def __init__(self, spec: ServiceSpec, options: ServeOptions, worker_status: Any = None) -> None:
         traffic = spec.traffic
         self.worker_status = worker_status
         self.spec = spec
-        self.timeout = options.timeout or traffic.timeout
-        self.max_concurrency = options.max_concurrency or traffic.max_concurrency
-        self.max_body_size = options.max_body_size or traffic.max_body_size
-        self.max_queue = options.max_queue or traffic.max_queue or DEFAULT_MAX_QUEUE
+        self.tuning = options.tuning or Tuning.from_env()
+        self.timeout: float = options.timeout or traffic.timeout
+        self.max_concurrency: int | None = options.max_concurrency or traffic.max_concurrency
+        self.max_body_size: int = options.max_body_size or traffic.max_body_size
+        self.max_queue: int = options.max_queue or traffic.max_queue or DEFAULT_MAX_QUEUE
         self.metrics = Registry({"worker": options.worker_id} if options.worker_id else None)
-        self.pool = InstancePool(spec, workers=options.workers)
-        self.watchdog = Watchdog()
+        self.pool = InstancePool(spec, self.tuning, workers=options.workers)
+        self.watchdog = Watchdog(self.tuning.watchdog_interval_s)
+        self.load = ServerLoad()
         self.endpoints: list[APIEndpoint] = []
-        self.in_flight = 0
-        self.concurrent_at = -math.inf  # time.monotonic() when a request last arrived with another in progress
         self.ready = False
         self.failure: str | None = None
 
@@ -128,8 +134,6 @@ class ServerState:
                 ep.batcher.stop()
 
 
-METRICS_DIR_ENV = "BENTO_LIKE_METRICS_DIR"
-"""Set by the supervisor of --workers N: where each worker publishes its metrics for the others to serve."""
 METRICS_PUBLISH_S = 1.0
 
 
@@ -152,7 +156,10 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_st
     state.endpoints = endpoints
     for ep in endpoints:
         if ep.config.batchable:
-            ep.batcher = Batcher(state, ep.attr, ep.config, ep.is_async, state.max_queue)
+            placement = BatchPlacement(state.tuning.placement, ep.name, ep.config.max_latency_ms / 1000.0,
+                                       state.pool.devices, ep.is_async, state.load)
+            ep.batcher = Batcher(ep.config, ep.attr, ep.is_async, state.pool, placement,
+                                 BatchMetrics(state.metrics, ep.name), state.max_queue, state.tuning.batching)
     openapi = msgspec.json.encode(openapi_document(spec.name, __version__, [ep.codec.description for ep in endpoints]))
     docs_html = SWAGGER_HTML.format(title=spec.name)
 
@@ -185,7 +192,7 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_st
             headers={"Retry-After": "1"},
         )
 
-    metrics_dir = os.environ.get(METRICS_DIR_ENV) if options.worker_id is not None else None
+    metrics_dir = options.metrics_dir if options.worker_id is not None else None
 
     async def metrics(request: Request) -> Response:
         others = published(Path(metrics_dir), options.worker_id) if metrics_dir else ()

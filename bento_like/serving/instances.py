@@ -10,49 +10,17 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import os
 import queue
 import sys
 import threading
 from typing import Any, Callable
 
 from ..sdk.service import ServiceSpec, get_spec
+from .placement import compute_threads, plan_devices
 from .priority import PriorityPlan, apply_switch_interval
+from .tuning import Tuning
 
 log = logging.getLogger("bento_like.serving")
-
-
-def plan_devices(spec: ServiceSpec) -> list[str]:
-    """One device string per instance: ``cuda:i`` for GPU services when GPUs exist, else ``cpu``."""
-    gpus = spec.resources.gpu
-    count = spec.instances or max(1, gpus)
-    if gpus and _cuda_count() > 0:
-        visible = _cuda_count()
-        return [f"cuda:{i % visible}" for i in range(count)]
-    return ["cpu"] * count
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _cuda_count() -> int:
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
-        return 0
-    try:
-        import torch  # imported only for services that ask for GPUs
-    except ImportError:
-        return 0
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def inline_ms() -> float:
-    """``BENTO_LIKE_INLINE_MS``: how short a sync call must be to run on the event loop's thread (1 ms by
-    default); 0 keeps every call on its instance's threads."""
-    return float(os.environ.get("BENTO_LIKE_INLINE_MS", "1"))
 
 
 _STOP = object()
@@ -239,12 +207,14 @@ class Instance:
 class InstancePool:
     """The instances of the served service in this process, and which one takes the next request."""
 
-    def __init__(self, spec: ServiceSpec, threads: int = 4, workers: int = 1) -> None:
+    def __init__(self, spec: ServiceSpec, tuning: Tuning | None = None, workers: int = 1) -> None:
         self.spec = spec
-        devices = plan_devices(spec)
-        cpu_instances = max(1, sum(d == "cpu" for d in devices)) * max(1, workers)
-        compute = int(os.environ.get("BENTO_LIKE_COMPUTE_THREADS", 0)) or max(1, _cores() // cpu_instances)
-        self.instances = [Instance(spec, d, i, threads, compute) for i, d in enumerate(devices)]
+        self.tuning = tuning or Tuning()
+        placement = self.tuning.placement
+        self.devices = plan_devices(spec)
+        compute = compute_threads(placement, self.devices, workers)
+        threads = placement.request_threads
+        self.instances = [Instance(spec, d, i, threads, compute) for i, d in enumerate(self.devices)]
         self._idle: asyncio.Queue[Instance] | None = None
         self._waiting: dict[object, int] = {}  # who waits for an instance now (the batchers), how many times
 
@@ -273,6 +243,11 @@ class InstancePool:
                 self._idle.put_nowait(inst)
         return self._idle
 
+    def has_idle(self) -> bool:
+        """Whether an instance runs no batch and nobody waits for one (what ``try_acquire`` would take)."""
+        idle = self._idle_queue()
+        return not idle.empty() and not self._waiting
+
     def others_waiting(self, owner: object) -> bool:
         """Whether anyone but ``owner`` waits for an instance."""
         return any(who is not owner for who in self._waiting)
@@ -283,9 +258,10 @@ class InstancePool:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        apply_switch_interval()
+        apply_switch_interval(self.tuning.switch_interval_ms)
         # Only a service with batched APIs has batch threads worth favouring.
-        priority = PriorityPlan() if any(entry.config.batchable for entry in self.spec.apis) else None
+        batched = any(entry.config.batchable for entry in self.spec.apis)
+        priority = PriorityPlan(self.tuning.batch_priority) if batched else None
         for inst in self.instances:
             inst.priority = priority
             inst.batch_runner.start(loop)

@@ -1,7 +1,7 @@
 """Prometheus metrics kept in plain dicts: cheap enough to update on every request.
 
 Each worker process keeps its own values; with ``--workers N`` every sample carries a ``worker`` label, and
-each worker publishes its samples to a directory the supervisor made (``BENTO_LIKE_METRICS_DIR``) about once a
+each worker publishes its samples to a directory the supervisor made (``ServeOptions.metrics_dir``) about once a
 second, so whichever worker a scrape reaches answers for all of them (the others' samples at most a second old).
 """
 

@@ -7,8 +7,8 @@ in it waits. Measured here (2 vCPUs, the 20M-parameter MLP of bench/batching.py 
 the same nice on the model's vCPU makes the batch take 61 ms instead of 27; a nice 19 one, 28 ms. Under 3x
 overload the batch thread waited in the run queue for 10% of the time at equal nice and 4% at nice -10.
 
-So the batch threads are favoured by ``BENTO_LIKE_BATCH_PRIORITY`` nice steps (10 by default; 0 leaves every
-thread alone). Lowering a thread's nice needs CAP_SYS_NICE (root has it) or an RLIMIT_NICE that allows it;
+So the batch threads are favoured by ``Tuning.batch_priority`` nice steps (``BENTO_LIKE_BATCH_PRIORITY``, 10 by
+default; 0 leaves every thread alone). Lowering a thread's nice needs CAP_SYS_NICE (root has it) or an RLIMIT_NICE that allows it;
 without either (an image that runs as an unprivileged user, say), the same difference is made the other way:
 the event loop's thread and the request threads are raised by that many steps instead, which any process may
 do. Within a container (its own cgroup) only the difference between the process's threads matters, so both
@@ -16,7 +16,7 @@ give the batch thread the same share.
 
 Linux only (nice is per thread there); elsewhere nothing changes.
 
-The GIL switch interval (``BENTO_LIKE_SWITCH_INTERVAL_MS``, 1 ms by default; CPython's is 5 ms) bounds how long
+The GIL switch interval (``Tuning.switch_interval_ms``, 1 ms by default; CPython's is 5 ms) bounds how long
 a thread that holds the GIL keeps a waiting one out: the batch thread needs it between torch calls, the loop to
 answer requests, and a shorter interval shortens both their waits under load.
 """
@@ -34,32 +34,8 @@ log = logging.getLogger("bento_like.serving")
 _CAP_SYS_NICE = 23  # bit in /proc/self/status CapEff
 
 
-def _env_number(name: str, default: str, parse: type, what: str) -> Any:
-    value = os.environ.get(name, default)
-    try:
-        return parse(value)
-    except ValueError:
-        raise ValueError(f"{name} must be {what}, got {value!r}") from None
-
-
-def batch_priority() -> int:
-    """How many nice steps batch threads get above the process's other threads (``BENTO_LIKE_BATCH_PRIORITY``)."""
-    steps = _env_number("BENTO_LIKE_BATCH_PRIORITY", "10", int, "an integer number of nice steps")
-    if not 0 <= steps <= 39:
-        raise ValueError(f"BENTO_LIKE_BATCH_PRIORITY must be between 0 and 39 nice steps, got {steps}")
-    return steps
-
-
-def switch_interval_ms() -> float:
-    """The GIL switch interval the server sets (``BENTO_LIKE_SWITCH_INTERVAL_MS``); 0 keeps Python's own."""
-    ms = _env_number("BENTO_LIKE_SWITCH_INTERVAL_MS", "1", float, "a number of milliseconds")
-    if ms < 0:
-        raise ValueError(f"BENTO_LIKE_SWITCH_INTERVAL_MS must not be negative, got {ms}")
-    return ms
-
-
-def apply_switch_interval() -> None:
-    ms = switch_interval_ms()
+def apply_switch_interval(ms: float) -> None:
+    """Set the interpreter's GIL switch interval to ``ms`` milliseconds; 0 keeps Python's own."""
     if ms:
         sys.setswitchinterval(ms / 1000)
 
@@ -90,8 +66,8 @@ def may_lower_nice(steps: int) -> bool:
 class PriorityPlan:
     """Which threads move, decided once per process: the batch threads up, or the others down."""
 
-    def __init__(self, steps: int | None = None, favour_batches: bool | None = None) -> None:
-        self.steps = batch_priority() if steps is None else steps
+    def __init__(self, steps: int, favour_batches: bool | None = None) -> None:
+        self.steps = steps
         linux = sys.platform.startswith("linux") and hasattr(os, "setpriority")
         if not linux:
             self.steps = 0

@@ -10,7 +10,7 @@ import inspect
 import logging
 import time
 import uuid
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
@@ -30,17 +30,20 @@ from .codecs import (
 )
 from .deadlines import ClientGone
 from .errors import HTTPError, too_many_requests, unavailable
-from .instances import inline_ms
+from .placement import DirectPlacement, Where
+
+if TYPE_CHECKING:
+    from .app import ServerState
+    from .batching import Batcher
 
 log = logging.getLogger("bento_like.serving")
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[int]]
-_INLINE_AFTER = 32  # fast calls seen on threads before a sync API's lone requests may run inline
 
 class APIEndpoint:
     """ASGI app for ``POST <route>`` of one API."""
 
-    def __init__(self, state: Any, attr: str, config: APIConfig) -> None:
+    def __init__(self, state: ServerState, attr: str, config: APIConfig) -> None:
         self.state = state
         self.attr = attr
         self.config = config
@@ -51,13 +54,9 @@ class APIEndpoint:
         self.is_async_gen = inspect.isasyncgenfunction(func)
         self.is_gen = inspect.isgeneratorfunction(func)
         self.name = config.name
-        self.batcher: Any = None  # set by the app for batchable APIs
+        self.batcher: Batcher | None = None  # set by the app for batchable APIs
+        self.placement = DirectPlacement(state.tuning.placement, self.is_async)
         self.in_flight = 0
-        # A sync API whose calls have all taken well under a millisecond runs a lone request on the loop's
-        # thread: the hand-off to an instance thread and back (two cross-CPU wake-ups) costs more than the call.
-        # One call slower than that (on a thread or inline) turns this off for good for the API.
-        self.inline_max = min(inline_ms(), 1.0) / 1000.0
-        self.fast_calls = 0  # calls observed, all within inline_max; -1 once one was not
         self._status_labels: dict[int, tuple[str, str]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -71,10 +70,8 @@ class APIEndpoint:
         state = self.state
         started = time.perf_counter()
         status = 500
-        state.in_flight += 1
+        state.load.enter()
         self.in_flight += 1
-        if state.in_flight > 1:
-            state.concurrent_at = time.monotonic()
         try:
             status = await handler(scope, receive, send)
         except ClientGone:
@@ -98,7 +95,7 @@ class APIEndpoint:
                 ),
             )
         finally:
-            state.in_flight -= 1
+            state.load.leave()
             self.in_flight -= 1
             labels = self._status_labels.get(status)
             if labels is None:
@@ -113,7 +110,7 @@ class APIEndpoint:
             if state.failure:
                 raise HTTPError(503, f"service {state.spec.name!r} failed to start: {state.failure}")
             raise unavailable(f"service {state.spec.name!r} is starting: its instances are not ready yet", 1)
-        if state.max_concurrency is not None and state.in_flight > state.max_concurrency:
+        if state.max_concurrency is not None and state.load.in_flight > state.max_concurrency:
             raise too_many_requests(
                 f"service {state.spec.name!r} is at its limit of {state.max_concurrency} concurrent requests", 1
             )
@@ -178,17 +175,20 @@ class APIEndpoint:
         state = self.state
         instance = state.pool.pick()
         method = getattr(instance.obj, self.attr)
-        if self.is_async:
-            call = method(**kwargs)
-        elif instance.in_flight == 0 and self.fast_calls >= _INLINE_AFTER:
+        placement = self.placement
+        where = placement.where(instance.in_flight)
+        if where is Where.LOOP and not self.is_async:
             instance.in_flight += 1
             try:
                 return self._timed(method, kwargs)
             finally:
                 instance.in_flight -= 1
+        if self.is_async:
+            call = method(**kwargs)
+        elif placement.timing:
+            call = instance.runner.submit(self._timed, method, kwargs)
         else:
-            call = instance.runner.submit(self._timed, method, kwargs) if self.fast_calls >= 0 else \
-                instance.runner.submit(method, **kwargs)
+            call = instance.runner.submit(method, **kwargs)
         instance.in_flight += 1
         try:
             return await state.watchdog.run(call, timeout, receive)
@@ -203,11 +203,7 @@ class APIEndpoint:
         try:
             return method(**kwargs)
         finally:
-            self._observe_call(time.perf_counter() - started)
-
-    def _observe_call(self, seconds: float) -> None:
-        if self.fast_calls >= 0:
-            self.fast_calls = self.fast_calls + 1 if seconds <= self.inline_max else -1
+            self.placement.observe(time.perf_counter() - started)
 
     async def _batched(self, receive: Receive | None, kwargs: dict[str, Any], timeout: float) -> Any:
         """Queue the input in the API's batcher; stop waiting if the deadline passes or the client goes away."""

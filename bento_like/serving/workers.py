@@ -12,7 +12,7 @@ worker, waits for them and exits 0.
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -22,18 +22,18 @@ import socket
 import tempfile
 import threading
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
+from ..models._store import MODEL_STORE_ENV
 from ..sdk.loader import load_service
 from ..sdk.service import ServiceSpec
-from .app import METRICS_DIR_ENV, ServeOptions, create_app
+from .app import ServeOptions, create_app
+from .tuning import Tuning, from_reloader, hand_to_reloaded
 
 log = logging.getLogger("bento_like.serving")
-
-_BENTO_ENV = "BENTO_LIKE_BENTO"
-_ENV = "BENTO_LIKE_SERVE"
 
 
 def serve(
@@ -50,10 +50,12 @@ def serve(
     options: ServeOptions | None = None,
 ) -> None:
     working_dir = str(Path(working_dir or os.getcwd()).resolve())
+    # The runtime's settings are read from the environment here, once, and sent to every worker.
     options = options or ServeOptions()
+    options = dataclasses.replace(options, tuning=options.tuning or Tuning.from_env())
     _configure_logging(log_level)
-    target, working_dir = _resolve_bento(target, working_dir)
-    spec = _load(target, working_dir)
+    where = _resolve_bento(target, working_dir)
+    spec = _load(where)
     app = create_app(spec, options)  # fails fast, in the parent, on an API that cannot be served
     from .protocol import HttpProtocol
     workers = workers or spec.workers
@@ -66,16 +68,24 @@ def serve(
         http=HttpProtocol,  # uvicorn's httptools protocol, each response sent in one write (protocol.py)
     )
     if reload:
-        _serve_with_reload(target, working_dir, options, host, port, server_args)
+        _serve_with_reload(where, options, host, port, server_args)
     elif workers > 1:
-        Supervisor(spec, target, working_dir, options, workers, host, port, server_args, graceful_timeout).run()
+        Supervisor(spec, where, options, workers, host, port, server_args, graceful_timeout).run()
     else:
         import uvicorn
 
         _server(uvicorn.Config(app, host=host, port=port, **server_args)).run()
 
 
-def _resolve_bento(target: str, working_dir: str) -> tuple[str, str]:
+class Target(msgspec.Struct, frozen=True):
+    """What a server process loads: a service target in a working directory, and the bento it comes from."""
+
+    target: str
+    working_dir: str
+    bento_dir: str | None = None
+
+
+def _resolve_bento(target: str, working_dir: str) -> Target:
     """A bento (its directory, or name:version in the bento store) is served from its src/ with its own models,
     exactly as its image serves it; anything else is a service target left as it is."""
     from ..bentos import MANIFEST_FILE, BentoError, BentoStore
@@ -84,44 +94,48 @@ def _resolve_bento(target: str, working_dir: str) -> tuple[str, str]:
     if (directory / MANIFEST_FILE).is_file():
         bento = BentoStore().get(str(directory))
     elif target.endswith(".py") or ".py:" in target:
-        return target, working_dir
+        return Target(target, working_dir)
     else:
         try:
             bento = BentoStore().get(target)
         except BentoError:
-            return target, working_dir  # module or module:Class
+            return Target(target, working_dir)  # module or module:Class
     log.info("serving bento %s from %s", bento.tag, bento.path)
-    os.environ["BENTO_LIKE_MODEL_STORE"] = str(bento.path / "models")
-    os.environ[_BENTO_ENV] = str(bento.path)
-    return bento.info.service, str(bento.path / "src")
+    os.environ[MODEL_STORE_ENV] = str(bento.path / "models")  # this process's and its workers' model store
+    return Target(bento.info.service, str(bento.path / "src"), str(bento.path))
 
 
-def _load(target: str, working_dir: str) -> ServiceSpec:
+def _load(where: Target) -> ServiceSpec:
     """load_service, and when serving a bento, each model reference bound to the exact model the build put in
     it for that attribute (an optimized version where the build optimized it), whatever tag the code names."""
-    spec = load_service(target, working_dir)
-    bento_dir = os.environ.get(_BENTO_ENV)
-    if bento_dir:
+    spec = load_service(where.target, where.working_dir)
+    if where.bento_dir:
         from ..bentos import BentoStore
 
-        packaged = {entry.attr: entry.tag for entry in BentoStore().get(bento_dir).info.models}
+        packaged = {entry.attr: entry.tag for entry in BentoStore().get(where.bento_dir).info.models}
         for attr, ref in spec.model_refs().items():
             if attr in packaged:
                 ref.tag = packaged[attr]
     return spec
 
 
+class _ReloadSettings(msgspec.Struct):
+    where: Target
+    options: ServeOptions
+    log_level: str
+
+
 def _serve_with_reload(
-    target: str, working_dir: str, options: ServeOptions, host: str, port: int, server_args: dict[str, Any]
+    where: Target, options: ServeOptions, host: str, port: int, server_args: dict[str, Any]
 ) -> None:
     import uvicorn
 
-    os.environ[_ENV] = json.dumps({"target": target, "working_dir": working_dir, "options": asdict(options)})
+    hand_to_reloaded(msgspec.json.encode(_ReloadSettings(where, options, server_args["log_level"])))
     uvicorn.run(
         "bento_like.serving.workers:app_from_env",
         factory=True,
         reload=True,
-        reload_dirs=[working_dir],
+        reload_dirs=[where.working_dir],
         reload_includes=["*.py"],
         host=host,
         port=port,
@@ -131,9 +145,9 @@ def _serve_with_reload(
 
 def app_from_env():  # type: ignore[no-untyped-def]
     """Factory the reloaded process calls to build its app."""
-    settings = json.loads(os.environ[_ENV])
-    _configure_logging(os.environ.get("BENTO_LIKE_LOG_LEVEL", "info"))
-    return create_app(_load(settings["target"], settings["working_dir"]), ServeOptions(**settings["options"]))
+    settings = msgspec.json.decode(from_reloader(), type=_ReloadSettings)
+    _configure_logging(settings.log_level)
+    return create_app(_load(settings.where), settings.options)
 
 
 class Supervisor:
@@ -142,8 +156,7 @@ class Supervisor:
     def __init__(
         self,
         spec: ServiceSpec,
-        target: str,
-        working_dir: str,
+        where: Target,
         options: ServeOptions,
         workers: int,
         host: str,
@@ -151,8 +164,7 @@ class Supervisor:
         server_args: dict[str, Any],
         graceful_timeout: float,
     ) -> None:
-        self.target = target
-        self.working_dir = working_dir
+        self.where = where
         self.options = options
         self.workers = workers
         self.server_args = server_args
@@ -171,7 +183,7 @@ class Supervisor:
         log.info("supervisor %d: %d workers on %s", os.getpid(), self.workers, self.sock.getsockname())
         previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         metrics_dir = tempfile.mkdtemp(prefix=f"bento_like-metrics-{os.getpid()}-")
-        os.environ[METRICS_DIR_ENV] = metrics_dir  # inherited by every worker (spawned after this)
+        self.options = dataclasses.replace(self.options, metrics_dir=metrics_dir)
         try:
             for i in range(self.workers):
                 self._start(i)
@@ -184,7 +196,6 @@ class Supervisor:
                 signal.signal(sig, handler)
             self.sock.close()
             shutil.rmtree(metrics_dir, ignore_errors=True)
-            os.environ.pop(METRICS_DIR_ENV, None)
 
     def _stop(self, signum: int, frame: Any) -> None:
         self.stopping = True
@@ -192,9 +203,8 @@ class Supervisor:
     def _start(self, i: int) -> None:
         self.status[i] = 0
         settings = {
-            "target": self.target,
-            "working_dir": self.working_dir,
-            "options": {**asdict(self.options), "worker_id": str(i), "workers": self.workers},
+            "where": self.where,
+            "options": dataclasses.replace(self.options, worker_id=str(i), workers=self.workers),
             "server_args": self.server_args,
             "cuda_visible_devices": self.gpus[i] if self.gpus else None,
         }
@@ -254,8 +264,8 @@ def _worker_main(index: int, sock: socket.socket, status: Any, settings: dict[st
     if settings["cuda_visible_devices"] is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = settings["cuda_visible_devices"]
     _configure_logging(settings["server_args"]["log_level"])
-    options = ServeOptions(**settings["options"])
-    spec = _load(settings["target"], settings["working_dir"])
+    options = settings["options"]
+    spec = _load(settings["where"])
     app = create_app(spec, options, worker_status=(status, index))
     _server(uvicorn.Config(app, **settings["server_args"])).run(sockets=[sock])
 
@@ -278,9 +288,9 @@ def _split_gpus(spec: ServiceSpec, workers: int) -> list[str] | None:
     if visible is not None:
         ids = [d.strip() for d in visible.split(",") if d.strip()]
     else:
-        from .instances import _cuda_count
+        from .placement import cuda_count
 
-        ids = [str(i) for i in range(_cuda_count())]
+        ids = [str(i) for i in range(cuda_count())]
     if not ids:
         return None
     if len(ids) >= workers:
@@ -314,7 +324,6 @@ def _server(config: Any) -> Any:
 
 
 def _configure_logging(level: str) -> None:
-    os.environ["BENTO_LIKE_LOG_LEVEL"] = level
     logging.basicConfig(
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",

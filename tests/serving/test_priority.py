@@ -14,14 +14,8 @@ import httpx
 import pytest
 
 from bento_like.serving.instances import name_native_thread, native_thread_name
-from bento_like.serving.priority import (
-    PriorityPlan,
-    apply_switch_interval,
-    batch_priority,
-    may_lower_nice,
-    switch_interval_ms,
-    thread_nice,
-)
+from bento_like.serving.priority import PriorityPlan, apply_switch_interval, may_lower_nice, thread_nice
+from bento_like.serving.tuning import Tuning
 
 SERVICES = Path(__file__).parent / "services"
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
@@ -91,20 +85,11 @@ def test_batch_priority_0_leaves_every_thread_alone(start_server) -> None:
     assert nice_by_kind(server.proc.pid) == {"loop": {base}, "request": {base}, "batch": {base}}
 
 
-def test_a_bad_priority_setting_fails_startup_with_a_message_naming_it(start_server) -> None:
+def test_a_bad_priority_setting_stops_pkg_serve_with_a_message_naming_it(start_server) -> None:
     server = start_server("batched.py:Batched", cwd=SERVICES, env={"BENTO_LIKE_BATCH_PRIORITY": "high"}, ready=False)
-    end = time.monotonic() + 60
-    failed = None
-    while failed is None and time.monotonic() < end:
-        try:
-            r = httpx.get(server.url + "/readyz", timeout=1)
-            if r.status_code == 503 and r.json()["state"] == "failed":
-                failed = r.json()
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    assert failed is not None, server.log()
-    assert "BENTO_LIKE_BATCH_PRIORITY must be an integer number of nice steps, got 'high'" in failed["error"]
+    assert server.proc.wait(60) == 1
+    assert "Error: BENTO_LIKE_BATCH_PRIORITY must be an integer number of nice steps, got 'high'" in server.log()
+    assert "Traceback" not in server.log()
 
 
 def run_in_thread(fn) -> int:
@@ -136,29 +121,24 @@ def test_plan_targets_are_absolute_so_an_inherited_nice_does_not_add_up() -> Non
     assert run_in_thread(PriorityPlan(steps=0, favour_batches=False).other_thread) == base
 
 
-def test_settings_are_validated(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("BENTO_LIKE_BATCH_PRIORITY", raising=False)
-    monkeypatch.delenv("BENTO_LIKE_SWITCH_INTERVAL_MS", raising=False)
-    assert batch_priority() == 10 and switch_interval_ms() == 1.0
-    monkeypatch.setenv("BENTO_LIKE_BATCH_PRIORITY", "40")
-    with pytest.raises(ValueError, match="between 0 and 39"):
-        batch_priority()
-    monkeypatch.setenv("BENTO_LIKE_SWITCH_INTERVAL_MS", "fast")
-    with pytest.raises(ValueError, match="BENTO_LIKE_SWITCH_INTERVAL_MS must be a number"):
-        switch_interval_ms()
-    monkeypatch.setenv("BENTO_LIKE_SWITCH_INTERVAL_MS", "-1")
-    with pytest.raises(ValueError, match="must not be negative"):
-        switch_interval_ms()
+def test_settings_are_read_from_the_environment_and_validated() -> None:
+    tuning = Tuning.from_env({})
+    assert tuning.batch_priority == 10 and tuning.switch_interval_ms == 1.0
+    assert Tuning.from_env({"BENTO_LIKE_BATCH_PRIORITY": "3"}).batch_priority == 3
+    with pytest.raises(ValueError, match="BENTO_LIKE_BATCH_PRIORITY must be between 0 and 39"):
+        Tuning.from_env({"BENTO_LIKE_BATCH_PRIORITY": "40"})
+    with pytest.raises(ValueError, match="BENTO_LIKE_SWITCH_INTERVAL_MS must be a number of milliseconds, got 'fast'"):
+        Tuning.from_env({"BENTO_LIKE_SWITCH_INTERVAL_MS": "fast"})
+    with pytest.raises(ValueError, match="BENTO_LIKE_SWITCH_INTERVAL_MS must not be below 0"):
+        Tuning.from_env({"BENTO_LIKE_SWITCH_INTERVAL_MS": "-1"})
 
 
-def test_switch_interval_is_applied_and_0_keeps_pythons(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_switch_interval_is_applied_and_0_keeps_pythons() -> None:
     before = sys.getswitchinterval()
     try:
-        monkeypatch.setenv("BENTO_LIKE_SWITCH_INTERVAL_MS", "2.5")
-        apply_switch_interval()
+        apply_switch_interval(2.5)
         assert sys.getswitchinterval() == pytest.approx(0.0025)
-        monkeypatch.setenv("BENTO_LIKE_SWITCH_INTERVAL_MS", "0")
-        apply_switch_interval()
+        apply_switch_interval(0)
         assert sys.getswitchinterval() == pytest.approx(0.0025)
     finally:
         sys.setswitchinterval(before)

@@ -70,12 +70,21 @@ class Batched:
 class TwoBatched:
     """Two batchable APIs on the same instance, which runs one batch at a time whichever API it is for."""
 
+    def __init__(self) -> None:
+        self.order: list[tuple[str, list[float]]] = []  # every batch that ran: the API, its rows' first values
+
     @bl.api(batchable=True, max_batch_size=8, max_latency_ms=1000)
     def double(self, x: ROW) -> np.ndarray:
         time.sleep(DELAY)
+        self.order.append(("double", x[:, 0].tolist()))
         return x * 2
 
     @bl.api(batchable=True, max_batch_size=8, max_latency_ms=1000)
     def negate(self, x: ROW) -> np.ndarray:
         time.sleep(DELAY)
+        self.order.append(("negate", x[:, 0].tolist()))
         return -x
+
+    @bl.api
+    def batches_seen(self) -> list:
+        return list(self.order)
