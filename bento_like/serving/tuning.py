@@ -45,14 +45,10 @@ def _fraction(obj: Any, *fields: str) -> None:
 class BatchTuning(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The constants of the batching policy (serving/batching/policy.py) and of what it learns from."""
 
-    rate_tau_s: float = 0.25
-    """Time constant of the decayed arrival rate (items per second)."""
     latency_alpha: float = 0.2
     """How fast the load factor shared by all batch sizes follows a slowdown (EWMA weight per batch)."""
     shape_alpha: float = 0.05
     """How fast one batch size's own time follows its observations (EWMA weight per batch of that size)."""
-    outlier_ratio: float = 4.0
-    """One observation counts as at most this many times slower (or faster) than its size's shape."""
     traffic_alpha: float = 0.2
     """EWMA weight of the learned delays from a batch's end to its clients' return."""
     echo_wait: float = 2.0
@@ -65,9 +61,8 @@ class BatchTuning(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     back, or none came back for this long."""
 
     def __post_init__(self) -> None:
-        _positive(self, "rate_tau_s", "echo_horizon_s", "lone_quiet_s")
+        _positive(self, "echo_horizon_s", "lone_quiet_s")
         _fraction(self, "latency_alpha", "shape_alpha", "traffic_alpha")
-        _at_least(self, 1.0, "outlier_ratio")
         _at_least(self, 0.0, "echo_wait")
 
 

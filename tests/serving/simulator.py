@@ -36,7 +36,9 @@ from typing import Callable
 
 from bento_like.serving.batching.estimators import anchor_sizes
 from bento_like.serving.batching.policy import BatchLimits, BatchPolicy, QueueState
-from bento_like.serving.tuning import BatchTuning
+from bento_like.serving.tuning import BatchTuning, PlacementTuning
+
+PLACEMENT = PlacementTuning()
 
 
 @dataclass
@@ -94,6 +96,7 @@ class Request:
     client: int
     sent: float  # by the client (the first try's, for a retried request)
     tries: int = 1
+    arrived: float = math.nan  # it reached the server (the last try)
     read: float = math.nan  # the loop started on it
     queued: float = math.nan
     answered: float = math.nan  # the loop wrote the answer
@@ -129,15 +132,17 @@ class Instance:
 class Simulation:
     def __init__(self, limits: BatchLimits, model: Model | None = None, costs: LoopCosts | None = None,
                  seed: int = 0, tuning: BatchTuning | None = None,
-                 warm_sizes: tuple[int, ...] | None = None, warm_slowdown: float = 1.0, inline: bool = False) -> None:
+                 warm_sizes: tuple[int, ...] | None = None, warm_slowdown: float = 1.0, inline: bool = True) -> None:
         self.limits = limits
         self.model = model or Model()
         self.costs = costs or LoopCosts()
         self.rng = random.Random(seed)
         self.policy = BatchPolicy(limits, tuning)
         self.q = QueueState()
-        self.inline = inline  # a lone request's batch runs on the event loop's thread (placement allows it)
+        self.inline = inline  # a lone request's batch may run on the event loop's thread (placement.py's rule)
         self.inlined = 0
+        self.held_requests = 0  # requests arrived and not yet answered (ServerLoad)
+        self.concurrent_at = -math.inf  # when the server last held two at once
         self.now = 0.0
         self._events: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
@@ -208,8 +213,17 @@ class Simulation:
             self.requests.append(request)
         else:
             request.tries += 1
-        self.at(t + self.costs.net, lambda: self.on_loop(lambda: self._read(request)))
+        self.at(t + self.costs.net, lambda: self._arrive(request))
         return request
+
+    def _arrive(self, request: Request) -> None:
+        """A request reaches the server. It counts as held from now: whatever arrived while the loop was busy is
+        read in its next turn, and the lone path lets those tasks start before it decides (asyncio.sleep(0))."""
+        request.arrived = self.now
+        self.held_requests += 1
+        if self.held_requests > 1:
+            self.concurrent_at = self.now
+        self.on_loop(lambda: self._read(request))
 
     def _read(self, request: Request) -> float:
         """The loop reads a request: its head, admission, then its body and the queue, or a 429."""
@@ -222,6 +236,7 @@ class Simulation:
             request.retry_after = refusal.retry_after
             written = now + costs.head + costs.refuse
             self.refusals.append((written, request.id))
+            self.held_requests -= 1
             self.at(written + costs.net, lambda: request.answer(request, self.now))
             return costs.head + costs.refuse
         request.status = 0
@@ -230,7 +245,7 @@ class Simulation:
         self.q.free = any(not i.held for i in self.instances)
         if self.policy.run_at_once(1, self.q, now):
             instance = next(i for i in self.instances if not i.held)
-            if self.inline:
+            if self.inline and self.held_requests == 1 and now - self.concurrent_at >= PLACEMENT.quiet_s:
                 return costs.head + costs.body + self._run_inline(instance, request)
             instance.held = True
             self.q.running += 1
@@ -327,6 +342,7 @@ class Simulation:
         self.policy.executed(1, batch.end - batch.start)
         request.answered = batch.end + self.costs.respond
         request.status = 200
+        self.held_requests -= 1
         self.at(request.answered + self.costs.net, lambda: request.answer(request, self.now))
         self.policy.answered(1, batch.end)
         return batch.end - self.now + self.costs.respond
@@ -349,6 +365,7 @@ class Simulation:
             t += self.costs.respond
             r.answered = t
             r.status = 200
+            self.held_requests -= 1
             self.at(t + self.costs.net, lambda r=r: r.answer(r, self.now))
         self.policy.answered(batch.size, now)
         assert instance.in_flight.popleft() is batch, "batches end in the order they were handed on"

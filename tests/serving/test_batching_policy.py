@@ -142,18 +142,34 @@ def test_without_a_warm_up_64_clients_are_never_refused() -> None:
 
 def test_a_warm_up_on_a_busy_machine_is_outgrown() -> None:
     """The warm-up measured every size twice as slow as it is (two workers warming up on the same cores),
-    which puts a batch of 64 over a budget of 1.5 batches: the cap starts below 64 and 64 clients run in
-    two batches. Sizes that never run move with what the running ones show (the machine is faster), so
-    within 3 s the cap is back at 64, one batch, and nothing was refused meanwhile."""
+    which puts a batch of 64 over a budget of 1.5 batches: the cap starts below 64, 64 clients do not fit
+    one batch and the first burst is partly refused. Sizes that never run move with what the running ones
+    show (the machine is faster), so the refusals stop within the first second and within 3 s the cap is
+    back at 64, one batch."""
     for seed in SEEDS:
         model = Model()
         sim = Simulation(limits(1.5 * model.cost(64)), model, LoopCosts(), seed=seed, warm_slowdown=2.0)
         assert sim.policy.batch_cap() < 64
         ClosedLoop(sim, 64, stagger=0.01)
         sim.run(5.0)
-        assert sim.refusals == []
+        assert sim.refused(1.0, 5.0) == 0
         assert sim.policy.batch_cap() == 64
         assert statistics.mean(b.size for b in sim.batches if b.start > 3.0) >= 63.5
+        check_answers(sim)
+
+
+def test_clients_of_the_last_batch_coming_back_do_not_run_alone_when_predictions_are_far_off() -> None:
+    """The warm-up's made-up input (zeros) runs 20 times faster than real inputs, so every prediction is far
+    too short and 8 closed-loop clients look like light traffic. The first client back from a batch must
+    still wait for the others, not run at once (on the loop's thread, holding the rest unread): a request is
+    lone only when every client of the last batch is back. (Without that check: batches of 4.5 on average,
+    116 of them single, 0.8 of the throughput.)"""
+    for seed in SEEDS:
+        sim = Simulation(limits(), Model(), LoopCosts(), seed=seed, warm_slowdown=0.05)
+        ClosedLoop(sim, 8, stagger=0.01)
+        sim.run(3.0)
+        sizes = [b.size for b in sim.batches if b.start > 1.0]
+        assert statistics.mean(sizes) >= 7.5 and sizes.count(1) == 0, sizes
         check_answers(sim)
 
 
@@ -206,14 +222,16 @@ def test_open_loop_within_capacity_is_served(times: float) -> None:
 @pytest.mark.parametrize("times", [2, 3])
 def test_open_loop_overload_serves_capacity_within_the_budget_plus_one_batch(times: int) -> None:
     """Poisson arrivals at 2x and 3x capacity: 0.9 of capacity served; an accepted request is answered within
-    max_latency_ms plus one batch as batches really ran (their p99) plus writing that batch's answers."""
+    max_latency_ms plus one batch as batches really ran (their p99), plus what the loop adds: writing a batch's
+    answers, and the wait for the loop (its p99 over the requests' reads: the loop is 60-70% busy)."""
     for seed in SEEDS:
         sim = Simulation(limits(), Model(), LoopCosts(), seed=seed)
         OpenLoop(sim, times * sim.capacity(), end=3.0)
         sim.run(3.5)
         assert sum(per_second(sim, 1.0, 3.0)) / 2 >= 0.9
         durations = sorted(b.end - b.start for b in sim.batches if b.size == 64)
-        bound = sim.limits.budget + p99(durations) + 64 * sim.costs.respond
+        loop_wait = sorted(r.read - r.arrived for r in sim.requests if r.read > 0.5)
+        bound = sim.limits.budget + p99(durations) + 64 * sim.costs.respond + p99(loop_wait)
         assert p99(server_latencies(sim, 0.5, 3.0)) <= bound
         check_answers(sim)
 
@@ -320,14 +338,6 @@ def test_latency_model_carries_a_slowdown_seen_at_one_size_to_all_sizes_and_back
     assert model.predict(16) == pytest.approx(0.010, rel=0.05)
 
 
-def test_one_outlier_moves_the_latency_model_a_bounded_step() -> None:
-    model = LatencyModel(anchor_sizes(8))
-    model.observe(8, 0.010)
-    model.observe(8, 1.0)  # a 100x pause of the whole process
-    assert model.factor == pytest.approx(1 + 0.2 * (4 - 1))
-    assert model.predict(8) < 0.02
-
-
 def test_traffic_learns_how_soon_a_batch_s_clients_come_back() -> None:
     traffic = Traffic()
     t = 10.0
@@ -340,4 +350,3 @@ def test_traffic_learns_how_soon_a_batch_s_clients_come_back() -> None:
         t += 0.02
     assert traffic.echo == pytest.approx(0.002)
     assert traffic.echo_all == pytest.approx(0.0035)
-    assert 500 < traffic.rate.get(t) < 1000  # 16 items per ~22 ms

@@ -3,12 +3,11 @@
 runs one batch. tests/serving/simulator.py drives the same policy with a virtual clock."""
 
 from .dispatcher import Batcher
-from .estimators import ArrivalRate, LatencyModel, Traffic, anchor_sizes
+from .estimators import LatencyModel, Traffic, anchor_sizes
 from .execute import BatchMetrics
 from .policy import BatchLimits, BatchPolicy, QueueState, Refusal
 
 __all__ = [
-    "ArrivalRate",
     "BatchLimits",
     "BatchMetrics",
     "BatchPolicy",

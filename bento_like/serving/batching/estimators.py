@@ -1,4 +1,4 @@
-"""What the batching policy learns: how long a batch of each size takes, and how requests arrive.
+"""What the batching policy learns: how long a batch of each size takes, and when a batch's clients come back.
 
 Pure: every method takes the time it happens at, so the simulator and the server feed them the same way.
 """
@@ -34,7 +34,6 @@ class LatencyModel:
         tuning = tuning or BatchTuning()
         self.alpha = tuning.latency_alpha
         self.shape_alpha = tuning.shape_alpha
-        self.outlier_ratio = tuning.outlier_ratio
         self.anchors = sorted(set(anchors))
         if not self.anchors or self.anchors[0] < 1:
             raise ValueError(f"anchor sizes must be >= 1, got {self.anchors}")
@@ -51,9 +50,7 @@ class LatencyModel:
             self._enter(size, seconds / self.factor, around)
             return
         old = self.shape(size)
-        # One outlier (a pause of the whole process, say) moves the model a bounded step.
-        bound = self.outlier_ratio
-        ratio = min(bound, max(1.0 / bound, seconds / old)) if old > 0 else 1.0
+        ratio = seconds / old if old > 0 else 1.0
         self.factor += self.alpha * (max(1.0, ratio) - self.factor)
         weights = dict(around)
         for anchor in self.sizes:
@@ -142,28 +139,11 @@ def anchor_sizes(max_batch: int, preferred: Iterable[int] = ()) -> list[int]:
     return sorted({min(2**i, max_batch) for i in range(max_batch.bit_length() + 1)} | set(preferred))
 
 
-class ArrivalRate:
-    """Items per second, exponentially decayed with time constant ``tau`` (cheap: two floats per arrival)."""
-
-    def __init__(self, tau: float = 0.25) -> None:
-        self.tau = tau
-        self.value = 0.0
-        self.last = 0.0
-
-    def add(self, items: int, now: float) -> None:
-        self.value = self.value * math.exp(-(now - self.last) / self.tau) + items / self.tau
-        self.last = now
-
-    def get(self, now: float) -> float:
-        return self.value * math.exp(-(now - self.last) / self.tau)
-
-
 class Traffic:
     """How requests arrive, as the decision to keep a batch open needs it. Traffic comes in bursts: closed-
     loop clients send back everything a batch answered within a few ms, then nothing until the next batch
     ends, so what matters is when a batch's clients come back.
 
-    - ``rate``: items per second (decayed);
     - ``echo``: seconds from a batch's end to the first arrival after it; ``echo_all``: until as many items
       as the batch held came back; ``returning``: items of the last batch whose clients have not sent again
       (closed-loop clients send their next request once answered).
@@ -173,7 +153,6 @@ class Traffic:
         tuning = tuning or BatchTuning()
         self.alpha = tuning.traffic_alpha
         self.horizon = tuning.echo_horizon_s
-        self.rate = ArrivalRate(tuning.rate_tau_s)
         self.last_done = -math.inf  # when a batch last finished (its answers going out)
         self.echo: float | None = None
         self.echo_all: float | None = None
@@ -181,7 +160,6 @@ class Traffic:
         self.returning = 0
 
     def arrived(self, items: int, now: float) -> None:
-        self.rate.add(items, now)
         delay = now - self.last_done
         if self.awaiting_echo:
             self.awaiting_echo = False

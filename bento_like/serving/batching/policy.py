@@ -12,15 +12,14 @@ The rules (docs/batching.md names the simulated scenario each one is there for):
   of it, its own included, are predicted at today's speed to end within ``max_latency_ms``. What a client
   waits is then at most that plus the batch running when it arrived. The event loop's lag is not counted:
   refusing because the loop is busy refusing is the storm this design avoids.
-- **Keep the batch open or flush**: flush at once under light traffic (a lone request never waits for
-  company) or when a full batch is queued; otherwise wait for the last batch's clients that have not sent
-  again (closed-loop clients come back once answered) while the batch they would make is worth the wait,
-  never past the budget.
+- **Keep the batch open or flush**: flush at once when a full batch is queued or nobody is known to be on
+  the way (a lone request never waits for company); otherwise wait for the last batch's clients that have
+  not sent again (closed-loop clients come back once answered) while they are due, never past the budget.
 - **Hand on**: a full batch queued while an instance runs one goes to that instance at once, to run right
   after it, so that the model never waits for a busy event loop to notice that a batch ended; one batch
   waiting on the instance's thread, no more.
-- **Run at once**: a request that finds nothing queued or running, an instance free and the traffic light
-  skips the queue and the dispatcher.
+- **Run at once**: a request that finds nothing queued or running, an instance free and the last batch's
+  clients all back skips the queue and the dispatcher.
 """
 
 from __future__ import annotations
@@ -134,33 +133,29 @@ class BatchPolicy:
 
     def run_at_once(self, items: int, q: QueueState, now: float) -> bool:
         """Whether a request of ``items`` may skip the queue: nothing queued or running for the API, an instance
-        free, and the traffic light. Light by two measures, because a rate is an average: fewer than one item
-        expected to arrive while it runs, and every client of the last batch back (or none for a while), so
-        that the first client back from a batch does not run alone ahead of the others."""
+        free, and every client of the last batch back (or none for ``lone_quiet_s``), so that the first client
+        back from a batch does not run alone ahead of the others. (Through the queue it would be flushed at
+        once too: this saves the dispatcher's turns.)"""
         if q.queued_items or q.running or not q.free or items > self.limits.max_batch:
             return False
         traffic = self.traffic
-        if traffic.returning > 0 and now - traffic.last_done < self.tuning.lone_quiet_s:
-            return False
-        return traffic.rate.get(now) * self.latency.predict(items) < 1.0
+        return traffic.returning <= 0 or now - traffic.last_done >= self.tuning.lone_quiet_s
 
     def wait(self, q: QueueState, oldest_arrival: float, now: float) -> float:
         """Seconds worth keeping the batch open for more items (0: flush now).
 
-        Flush at once when a full batch is queued, when every client of the last batch has sent again, under
-        light traffic (fewer than one item expected while what is queued runs), or when the oldest request
-        could no longer be answered within the budget after a full batch (its wait counts from when it
-        arrived, or from when the last batch ended if it arrived while that one ran: the admission promise
-        starts there too). Otherwise the batch stays open for the last batch's clients still out
-        (closed-loop clients send again once answered) while they are due: up to ``echo_wait`` times the
-        learned delays after which the first, and all, of a batch's clients were back."""
+        Flush at once when a full batch is queued, when every client of the last batch has sent again (a lone
+        request never waits for company), or when the oldest request could no longer be answered within the
+        budget after a full batch (its wait counts from when it arrived, or from when the last batch ended if
+        it arrived while that one ran: the admission promise starts there too). Otherwise the batch stays
+        open for the last batch's clients still out (closed-loop clients send again once answered) while they
+        are due: up to ``echo_wait`` times the learned delays after which the first, and all, of a batch's
+        clients were back."""
         target = self.full_batch()
         available = q.queued_items
         model = self.latency
         traffic = self.traffic
         if available >= target or traffic.returning <= 0 or not model.sizes:
-            return 0.0
-        if traffic.rate.get(now) * model.predict(available) < 1.0:  # light traffic: nobody else is coming soon
             return 0.0
         slack = self.limits.budget - (now - max(oldest_arrival, traffic.last_done)) - model.predict(target)
         echo_wait = self.tuning.echo_wait
