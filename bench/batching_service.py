@@ -1,4 +1,10 @@
-"""The model bench/batching.py serves: a 784-4096-4096-10 float32 MLP (about 20M parameters)."""
+"""The model bench/batching.py serves: a 784-4096-4096-10 float32 MLP (about 20M parameters).
+
+``BENCH_MAX_LATENCY_MS`` sets the API's max_latency_ms (60 by default). ``BENCH_TYPED=0`` declares the input as
+a plain ``np.ndarray`` (no shape or dtype: the server cannot make up an example, so it serves without a warm-up);
+by default it is ``Annotated[np.ndarray, bl.Shape(-1, 784), bl.DType("float32")]``. Only ``bl.service``,
+``bl.api``, ``bl.Shape`` and ``bl.DType`` are used, so that older checkouts of bento_like serve it too
+(``bench/batching.py --compare``)."""
 
 from __future__ import annotations
 
@@ -10,6 +16,8 @@ import numpy as np
 import bento_like as bl
 
 MAX_LATENCY_MS = float(os.environ.get("BENCH_MAX_LATENCY_MS", "60"))
+TYPED = os.environ.get("BENCH_TYPED", "1") != "0"
+Input = Annotated[np.ndarray, bl.Shape(-1, 784), bl.DType("float32")] if TYPED else np.ndarray
 
 
 def build_mlp():  # type: ignore[no-untyped-def]
@@ -30,6 +38,6 @@ class MLP:
         self.model = build_mlp()
 
     @bl.api(batchable=True, max_batch_size=64, max_latency_ms=MAX_LATENCY_MS)
-    def predict(self, x: Annotated[np.ndarray, bl.Shape(-1, 784), bl.DType("float32")]) -> np.ndarray:
-        with self.torch.inference_mode():
-            return self.model(self.torch.from_numpy(x)).numpy()
+    def predict(self, x: Input) -> np.ndarray:
+        with self.torch.inference_mode():  # untyped, the JSON rows decode as float64
+            return self.model(self.torch.from_numpy(np.asarray(x, dtype=np.float32))).numpy()
