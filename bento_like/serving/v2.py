@@ -13,7 +13,7 @@ import dataclasses
 import math
 import struct
 import zlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import numpy as np
@@ -26,6 +26,10 @@ from .. import __version__
 from ..description import APIDescription
 from ..sdk.io import ArraySpec
 from .errors import HTTPError
+
+if TYPE_CHECKING:
+    from .app import ServerState
+    from .routes import APIEndpoint
 
 VERSION = "1"
 PLATFORM = "bento_like"
@@ -95,7 +99,7 @@ class Tensor:
 class Model:
     """An API seen as a v2 model: its tensors, and the conversions between protocol tensors and its arguments."""
 
-    def __init__(self, endpoint: Any, inputs: list[Tensor], outputs: list[Tensor], form: str) -> None:
+    def __init__(self, endpoint: APIEndpoint, inputs: list[Tensor], outputs: list[Tensor], form: str) -> None:
         self.endpoint = endpoint
         self.name: str = endpoint.name
         self.inputs = {t.name: t for t in inputs}
@@ -231,7 +235,7 @@ class Model:
         return arrays
 
 
-def model_of(endpoint: Any) -> Model | None:
+def model_of(endpoint: APIEndpoint) -> Model | None:
     """The v2 model an API is, or None when it is not tensor-shaped."""
     description = endpoint.codec.description
     config = description.config
@@ -288,7 +292,7 @@ def _array_tensor(name: str, spec: ArraySpec | None, batch_dim: int | None, outp
     return Tensor(name, datatype, dtype, tuple(shape) if shape is not None else None)
 
 
-def v2_routes(state: Any, endpoints: list[Any]) -> list[Route]:
+def v2_routes(state: ServerState, endpoints: list[APIEndpoint]) -> list[Route]:
     """The protocol's routes for a server's tensor-shaped APIs; the others are simply not models."""
     models = {ep.name: model for ep in endpoints if (model := model_of(ep)) is not None}
 

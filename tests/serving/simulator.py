@@ -95,7 +95,6 @@ class Request:
     id: int
     client: int
     sent: float  # by the client (the first try's, for a retried request)
-    tries: int = 1
     arrived: float = math.nan  # it reached the server (the last try)
     read: float = math.nan  # the loop started on it
     queued: float = math.nan
@@ -211,8 +210,6 @@ class Simulation:
         if request is None:
             request = Request(next(self._ids), client, t, answer=answer)
             self.requests.append(request)
-        else:
-            request.tries += 1
         self.at(t + self.costs.net, lambda: self._arrive(request))
         return request
 
@@ -446,28 +443,19 @@ class ClosedLoop:
 
 
 class OpenLoop:
-    """Poisson arrivals at ``rate(t)`` requests per second from ``start`` to ``end``; a refused request is
-    given up (``"drop"``) or sent again at once (``"retry"``, up to ``retries`` more times)."""
+    """Poisson arrivals at ``rate`` requests per second from ``start`` to ``end``; a refused request is given up
+    (an open loop's clients do not wait for each other: more retrying would only add to the load)."""
 
-    def __init__(self, sim: Simulation, rate: Callable[[float], float] | float, end: float, start: float = 0.0,
-                 on_refusal: str = "drop", retries: int = 3) -> None:
+    def __init__(self, sim: Simulation, rate: float, end: float, start: float = 0.0) -> None:
         self.sim = sim
-        self.rate = rate if callable(rate) else (lambda t, r=rate: r)
+        self.rate = rate
         self.end = end
-        self.on_refusal = on_refusal
-        self.retries = retries
         self._ids = itertools.count()
         sim.at(start, self._arrive)
 
     def _arrive(self) -> None:
         sim = self.sim
-        rate = self.rate(sim.now)
-        if rate > 0:
-            sim.send(next(self._ids), sim.now, self._answer)
-        nxt = sim.now + (sim.rng.expovariate(rate) if rate > 0 else 0.01)
+        sim.send(next(self._ids), sim.now, lambda request, t: None)
+        nxt = sim.now + sim.rng.expovariate(self.rate)
         if nxt < self.end:
             sim.at(nxt, self._arrive)
-
-    def _answer(self, request: Request, t: float) -> None:
-        if request.status == 429 and self.on_refusal == "retry" and request.tries <= self.retries:
-            self.sim.send(request.client, t, self._answer, request)

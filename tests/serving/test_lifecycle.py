@@ -61,12 +61,10 @@ def test_max_concurrency_answers_429_with_retry_after_at_once(start_server) -> N
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         slow = [pool.submit(httpx.post, server.url + "/wait", json={"seconds": 1.5}, timeout=10) for _ in range(2)]
         time.sleep(0.3)
-        started = time.monotonic()
         extra = httpx.post(server.url + "/wait", json={"seconds": 0}, timeout=10)
-        refused_in = time.monotonic() - started
         assert extra.status_code == 429
         assert int(extra.headers["retry-after"]) >= 1
-        assert refused_in < 0.5
+        assert not any(f.done() for f in slow), "refused only once a slot came free, not at once"
         assert [f.result().status_code for f in slow] == [200, 200]
     assert httpx.post(server.url + "/wait", json={"seconds": 0}, timeout=10).status_code == 200
     metrics = httpx.get(server.url + "/metrics").text

@@ -74,11 +74,9 @@ class Batcher:
     # -- requests -------------------------------------------------------------------------------------------
 
     def admit(self, items: int, now: float) -> None:
-        """Refuse (429) a request of ``items`` the queue cannot take now or answer within the budget. The
-        runtime asks once before reading the body (one item), so that refusing costs little, and again with
-        the real count."""
-        q = self._state()
-        refusal = self.policy.admit(items, q, now)
+        """Refuse (429) a request the policy does not admit. The runtime asks once before reading the body
+        (one item), so that refusing costs little, and again with the real count."""
+        refusal = self.policy.admit(items, self._state(), now)
         if refusal is not None:
             raise too_many_requests(refusal.message, refusal.retry_after, refusal.reason)
 
@@ -102,9 +100,8 @@ class Batcher:
         # Bigger than a batch: cut into full batches and put the answers back together in order.
         step = self.config.max_batch_size
         chunks = [runner.slice(value, s, min(s + step, items)) for s in range(0, items, step)]
-        parts = await asyncio.gather(
-            *(self._enqueue(c, runner.count_items(c), now, deadline) for c in chunks), return_exceptions=True
-        )
+        parts = await asyncio.gather(*(self._enqueue(c, runner.count_items(c), now, deadline) for c in chunks),
+                                     return_exceptions=True)
         for part in parts:
             if isinstance(part, BaseException):
                 raise part
@@ -127,7 +124,7 @@ class Batcher:
         self.q.running += 1
         try:
             self.metrics.queue_wait(0.0)
-            await self.runner.execute(instance, [pending], on_loop=where is Where.LOOP and not self.is_async)
+            await self.runner.execute(instance, [pending], on_loop=where is Where.LOOP)
         finally:
             self.q.running -= 1
             self.pool.release(instance)
@@ -209,10 +206,8 @@ class Batcher:
             if head.deadline <= now:
                 queue.popleft()
                 self._forget(head)
-                head.future.set_exception(HTTPError(
-                    504, f"API {self.config.name!r}: the request's deadline passed while it was queued; it never ran",
-                    reason="deadline",
-                ))
+                message = f"API {self.config.name!r}: the request's deadline passed while it was queued; it never ran"
+                head.future.set_exception(HTTPError(504, message, reason="deadline"))
                 continue
             return head
         return None
