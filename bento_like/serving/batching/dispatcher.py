@@ -108,7 +108,8 @@ class Batcher:
         return concat(parts, self.config.output_batch_dim)
 
     def _state(self) -> QueueState:
-        """The queue state, with what only the pool and the batch threads know brought up to date."""
+        """The queue state, with what only the pool and the batch threads know brought up to date (admission
+        and the lone path read it; waiting, sizing and handing on need only the queue's own counts)."""
         q = self.q
         q.free = self.pool.has_idle()
         q.handed_items = sum(lane.waiting_items() for lane in self._lanes)
@@ -220,7 +221,7 @@ class Batcher:
             head = self._live_head()
             if head is None:
                 return []
-            wait = self.policy.wait(self._state(), head.arrival, clock())
+            wait = self.policy.wait(self.q, head.arrival, clock())
             if wait <= 0.0001:
                 break
             # A timer setting the event costs far less than asyncio.wait_for, which wraps the wait in a task.
@@ -230,7 +231,7 @@ class Batcher:
                 await self._arrived.wait()
             finally:
                 timer.cancel()
-        return self._take(self.policy.batch_size(self._state()))
+        return self._take(self.policy.batch_size(self.q))
 
     def _take(self, size: int) -> list[Pending]:
         batch: list[Pending] = []
@@ -293,7 +294,7 @@ class Batcher:
     def _may_hand_on(self, lane: Lane) -> bool:
         if lane.batches and self.is_async:  # an async method's batches run one at a time
             return False
-        return self.policy.hand_on(self._state(), lane.waiting_items()) and not self.pool.others_waiting(self)
+        return self.policy.hand_on(self.q, lane.waiting_items()) and not self.pool.others_waiting(self)
 
     def _hand(self, instance: Instance, lane: Lane, batch: list[Pending]) -> None:
         now = clock()
