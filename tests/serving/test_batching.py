@@ -235,8 +235,19 @@ def test_batches_are_cut_to_fit_the_budget_when_a_full_batch_is_too_slow(start_s
 def test_an_api_kept_busy_does_not_starve_another_on_the_same_instance(start_server) -> None:
     # 40 closed-loop clients keep /double's queue full (50 ms batches of 8). Its full batches go to the
     # instance's thread one ahead at most, and none while another API waits for the instance: a /negate
-    # request runs after at most the batch running when it came and the one waiting behind it.
+    # request runs after a few of /double's batches at most.
     server = start_server("batched.py:TwoBatched", cwd=SERVICES)
+
+    def other() -> list[int]:
+        # On a thread of its own: sent from the flood's event loop, a request could leave tens of ms after its
+        # look at the batches run, behind 40 clients' turns, and more batches would pass than the server let.
+        ran_before = []
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            for i in range(4):
+                ran_before.append(len(c.post("/batches_seen", json={}).json()))
+                r = c.post("/negate", json={"x": [[100 + i, 0]]})
+                assert r.status_code == 200 and r.json() == [[-100 - i, 0]]
+        return ran_before
 
     async def scenario() -> list[int]:
         async with httpx.AsyncClient(base_url=server.url, timeout=30, limits=httpx.Limits(max_connections=64)) as c:
@@ -246,18 +257,15 @@ def test_an_api_kept_busy_does_not_starve_another_on_the_same_instance(start_ser
                 while not done:
                     assert (await c.post("/double", json={"x": [[1, 1]]})).status_code == 200
 
-            async def other() -> list[int]:
+            async def after_the_flood_started() -> list[int]:
                 nonlocal done
-                await asyncio.sleep(0.5)  # the flood is under way
-                ran_before = []
-                for i in range(4):
-                    ran_before.append(len((await c.post("/batches_seen", json={})).json()))
-                    r = await c.post("/negate", json={"x": [[100 + i, 0]]})
-                    assert r.status_code == 200 and r.json() == [[-100 - i, 0]]
-                done = True
-                return ran_before
+                await asyncio.sleep(0.5)
+                try:
+                    return await asyncio.to_thread(other)
+                finally:
+                    done = True
 
-            results = await asyncio.gather(other(), *(flood() for _ in range(40)))
+            results = await asyncio.gather(after_the_flood_started(), *(flood() for _ in range(40)))
             return results[0]
 
     ran_before = asyncio.run(scenario())
@@ -265,8 +273,10 @@ def test_an_api_kept_busy_does_not_starve_another_on_the_same_instance(start_ser
     assert sum(api == "double" for api, _ in order) >= 20, "the flood itself was not served"
     for i, before in enumerate(ran_before):
         at = next(k for k, (api, rows) in enumerate(order) if api == "negate" and rows == [100 + i])
-        # between the look and the request, the running batch may end and the waiting one start: 3 at most
-        assert sum(api == "double" for api, _ in order[before:at]) <= 3, order[before : at + 1]
+        # Between the look and the request the running batch may end and the waiting one start, and one more
+        # may be handed on before /negate's dispatcher, a loop turn or two after its request, asks for the
+        # instance: 4 at most, where a flood handed on without limit would put dozens ahead of it.
+        assert sum(api == "double" for api, _ in order[before:at]) <= 4, order[before : at + 1]
 
 
 def test_batch_dim_is_required_on_batched_inputs(start_server) -> None:
