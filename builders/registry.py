@@ -7,7 +7,9 @@ registry says it holds after a failed chunk. Idempotent requests are retried wit
 and connection errors.
 
 Auth is anonymous, basic, or bearer tokens (a 401 with `WWW-Authenticate: Bearer realm=...` sends us to the token
-service with the basic credentials). Credentials come from BENTO_LIKE_REGISTRY_USER/BENTO_LIKE_REGISTRY_PASSWORD
+service with the basic credentials). Nothing goes over plain HTTP unless the registry itself is reached that way
+(loopback, or `insecure`), and a token service on another host than the registry must be HTTPS: a registry that
+answers with a plain-HTTP realm elsewhere is refused before anything is sent there. Credentials come from BENTO_LIKE_REGISTRY_USER/BENTO_LIKE_REGISTRY_PASSWORD
 or from `~/.docker/config.json`; they never appear in a log line, an exception or a repr.
 """
 
@@ -177,6 +179,38 @@ def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     return scheme.lower(), {k.lower(): v for k, v in re.findall(r'(\w+)="([^"]*)"', rest)}
 
 
+def _host(netloc: str) -> str:
+    """The host of `host[:port]` (IPv6 in brackets kept), lowercased."""
+    if netloc.startswith("["):
+        return netloc.split("]")[0].lower() + "]"
+    return netloc.rsplit(":", 1)[0].lower()
+
+
+def realm_refusal(base_url: str, realm: str, *, insecure: bool) -> str | None:
+    """Why the token service at `realm` must not be asked (with or without credentials), or None when it may.
+
+    HTTPS is always fine. Plain HTTP is fine on loopback, and, with `insecure`, on the registry's own host: the
+    user said that host is reached in clear. A plain-HTTP realm anywhere else would receive the password (or a
+    token) in clear, and a downgrade from an HTTPS registry is never what the user asked for.
+    """
+    parts = urlsplit(realm)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return f"the token realm {_safe(realm)!r} is not an http(s) URL"
+    if parts.scheme == "https":
+        return None
+    host = _host(parts.netloc)
+    if host in _LOCAL_HOSTS:
+        return None
+    registry = urlsplit(base_url)
+    if insecure and registry.scheme == "http" and host == _host(registry.netloc):
+        return None
+    if registry.scheme == "https":
+        return (f"the registry is HTTPS but its token realm {_safe(realm)} is plain HTTP: "
+                f"credentials would travel in clear")
+    return (f"its token realm {_safe(realm)} is plain HTTP on another host than the registry "
+            f"(only HTTPS is allowed there, even with --insecure)")
+
+
 def _safe(url: str) -> str:
     """A URL for messages: without its query string, where upload state lives."""
     return url.split("?", 1)[0]
@@ -193,8 +227,8 @@ class RegistryClient:
                  chunk_size: int = 16 * 2**20, monolithic_max: int = 16 * 2**20, retries: int = 4,
                  backoff: float = 0.5, timeout: float = 120.0, transport: httpx.BaseTransport | None = None) -> None:
         self.registry = registry
-        host = registry.rsplit(":", 1)[0] if not registry.startswith("[") else registry.split("]")[0] + "]"
-        scheme = "http" if insecure or host in _LOCAL_HOSTS else "https"
+        scheme = "http" if insecure or _host(registry) in _LOCAL_HOSTS else "https"
+        self.insecure = insecure
         api_host = _DOCKER_HUB_API if registry == DOCKER_HUB else registry
         self.base_url = f"{scheme}://{api_host}"
         self.credentials = credentials
@@ -286,6 +320,9 @@ class RegistryClient:
             return
         if scheme != "bearer" or "realm" not in params:
             raise AuthError(f"{self.registry} asked for an unsupported authentication: {scheme or 'none'}")
+        refusal = realm_refusal(self.base_url, params["realm"], insecure=self.insecure)
+        if refusal:
+            raise AuthError(f"{self.registry}: refusing to ask the token service: {refusal}")
         # Our scopes cover what the request needs (push implies the pull a HEAD is challenged for).
         wanted = list(scopes) or ([params["scope"]] if params.get("scope") else [])
         query = [("service", params["service"])] if params.get("service") else []

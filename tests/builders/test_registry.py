@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import shutil
+import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -357,3 +359,99 @@ def test_bearer_token_auth(tmp_path: Path, token_registry, repo_name: str, busyb
         pull_image(f"{server.host}/{repo_name}:v1", tmp_path / "anon", credentials=None)
     for secret in secrets_of(login):
         assert secret not in caplog.text
+
+
+# --- where credentials may travel ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("base_url", "realm", "insecure", "allowed"), [
+    ("https://registry.example", "https://auth.example/token", False, True),  # Docker Hub's shape
+    ("https://registry.example", "http://auth.example/token", False, False),  # foreign host in clear
+    ("https://registry.example", "http://registry.example/token", False, False),  # downgrade on the same host
+    ("https://registry.example", "http://registry.example/token", True, False),  # --insecure doesn't make https http
+    ("http://registry.lan:5000", "http://registry.lan:5001/token", True, True),  # the user's own plain registry
+    ("http://registry.lan:5000", "http://auth.example/token", True, False),  # ... but not another host in clear
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5001/token", False, True),  # loopback
+    ("http://localhost:5000", "http://localhost/token", False, True),
+    ("https://registry.example", "file:///etc/passwd", False, False),
+    ("https://registry.example", "/token", False, False),
+])
+def test_which_token_realms_may_be_asked(base_url: str, realm: str, insecure: bool, allowed: bool) -> None:
+    from bento_like.builders.registry import realm_refusal
+
+    refusal = realm_refusal(base_url, realm, insecure=insecure)
+    assert (refusal is None) is allowed, refusal
+
+
+class _Recorder(ThreadingHTTPServer):
+    """A plain-HTTP server that records every request line and Authorization header it receives."""
+
+    def __init__(self, host: str) -> None:
+        self.seen: list[tuple[str, str | None]] = []
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                recorder.seen.append((self.path, self.headers.get("Authorization")))
+                body = json.dumps({"token": "stolen"}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__((host, 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def test_an_https_registry_with_a_plain_http_realm_elsewhere_gets_no_password(tmp_path: Path) -> None:
+    """The probe of issue 16: a real HTTPS registry (docker-registry with TLS on 127.0.0.2, which the client does
+    not treat as loopback) whose token realm is plain HTTP on another host (127.0.0.3). Nothing may reach it."""
+    require("docker-registry", "openssl")
+    try:
+        recorder = _Recorder("127.0.0.3")
+    except OSError as exc:
+        pytest.skip(f"127.0.0.3 is not usable here: {exc}")
+    cert, key = tmp_path / "tls.pem", tmp_path / "tls.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "2", "-subj", "/CN=127.0.0.2", "-addext", "subjectAltName=IP:127.0.0.2"],
+                   check=True, capture_output=True)
+    tokens = TokenService(tmp_path, "builder", "unused")  # only its signing certificate: the registry needs one
+    tokens.stop()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.2", 0))
+        port = probe.getsockname()[1]
+    realm = f"http://127.0.0.3:{recorder.server_address[1]}/token"
+    config = tmp_path / "config.yml"
+    config.write_text("\n".join([
+        "version: 0.1",
+        f"storage: {{filesystem: {{rootdirectory: {tmp_path / 'data'}}}}}",
+        f"http: {{addr: '127.0.0.2:{port}', secret: s-{uuid.uuid4().hex}, tls: {{certificate: {cert}, key: {key}}}}}",
+        f"auth: {{token: {{realm: '{realm}', service: svc, issuer: iss, rootcertbundle: '{tokens.cert}'}}}}",
+    ]) + "\n")
+    proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    login = Credentials("builder", "pw-" + uuid.uuid4().hex[:12])
+    trust = ssl.create_default_context(cafile=str(cert))
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                challenge = httpx.get(f"https://127.0.0.2:{port}/v2/", verify=trust, timeout=1)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, "docker-registry with TLS did not start"
+                time.sleep(0.1)
+        assert challenge.status_code == 401 and realm in challenge.headers["WWW-Authenticate"]
+        with pytest.raises(AuthError, match="plain HTTP") as refused:
+            pull_image(f"127.0.0.2:{port}/some/repo:v1", tmp_path / "pulled", credentials=login,
+                       transport=httpx.HTTPTransport(verify=trust))
+        assert login.password not in str(refused.value)
+        assert recorder.seen == []
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        recorder.shutdown()
+        recorder.server_close()
