@@ -2,8 +2,11 @@
 
 Used by the model store and the bento store alike: an archive holds only regular files under one
 ``<name>/<version>/`` prefix, with zeroed owners and times, so the same tree exports to the same bytes.
-Extraction refuses links, special files, absolute or ``..`` paths, a second prefix and duplicate members, and
-writes into a staging directory the caller installs (or throws away) in one step.
+Extraction refuses links, special files, absolute or ``..`` paths, a second prefix, duplicate members and a
+file where a directory is (or the reverse). The manifest comes first and is read before anything else, so every
+later member is checked against it by name and declared size before a byte of it is written: an archive can
+fill the disk with no more than its manifest admits. Files go into a staging directory the caller installs (or
+throws away) in one step.
 """
 
 from __future__ import annotations
@@ -14,9 +17,15 @@ import os
 import secrets
 import tarfile
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable
+from typing import BinaryIO, Callable, Iterable, TypeVar
+
+from . import _yaml
 
 COMPRESSED_SUFFIXES = (".gz", ".tgz")
+
+T = TypeVar("T")
+Check = Callable[[str, int], None]
+"""check(path inside the prefix, declared size): raises when the manifest does not admit that member."""
 
 
 def write_archive(dest: Path, prefix: str, root: Path, files: Iterable[str]) -> Path:
@@ -71,36 +80,82 @@ def safe_extract(
     is_prefix: Callable[[str, str], bool],
     what: str,
     error: type[Exception],
-) -> tuple[str, dict[str, tuple[int, str]]]:
-    """Extract the regular files into ``staged``; return the prefix and each file's (size, sha256)."""
-    prefix = None
+    manifest_file: str,
+    admit: Callable[[str, bytes], tuple[T, Check]],
+) -> tuple[T, dict[str, tuple[int, str]]]:
+    """Extract the regular files into ``staged``; return what ``admit`` made of the manifest and each file's
+    (size, sha256).
+
+    The first file must be ``<name>/<version>/<manifest_file>``, within the manifest size limit;
+    ``admit(prefix, its bytes)`` parses it (raising for a bad one) and returns it with the check each later
+    member passes before it is written."""
+    admitted: tuple[T, Check] | None = None
+    prefix = ""
     extracted: dict[str, tuple[int, str]] = {}
+    files: set[str] = set()
+    directories: set[str] = set()
     root = staged.resolve()
     for member in tar:
         found = member_path(member, source, is_prefix, what, error)
         if found is None:
             continue
         member_prefix, rel = found
-        if prefix is None:
+        if admitted is None:
+            if rel != manifest_file:
+                raise error(f"{source}: the first file must be <name>/<version>/{manifest_file}, not {member.name!r}")
             prefix = member_prefix
         elif member_prefix != prefix:
             raise error(f"{source}: holds more than one {what} ({prefix}, {member_prefix})")
         if rel in extracted:
             raise error(f"{source}: member {member.name!r} appears twice")
+        parents = ["/".join(rel.split("/")[:i]) for i in range(1, rel.count("/") + 1)]
+        clash = rel if rel in directories else next((p for p in parents if p in files), None)
+        if clash is not None:
+            raise error(f"{source}: '{prefix}/{clash}' is both a file and a directory")
+        if admitted is None:
+            try:
+                _yaml.check_size(member.size, f"{source}:{member.name}")
+            except _yaml.RefusedYAMLError as exc:
+                raise error(str(exc)) from None
+        else:
+            admitted[1](rel, member.size)
         target = staged / rel
         if not target.resolve().is_relative_to(root):
             raise error(f"{source}: member {member.name!r} points outside the {what}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        size = 0
-        reader = tar.extractfile(member)
-        assert reader is not None  # regular files always have a reader
-        with reader, open(target, "xb") as out:
-            while block := reader.read(2**20):
-                digest.update(block)
-                size += len(block)
-                out.write(block)
-        extracted[rel] = (size, digest.hexdigest())
-    if prefix is None:
+        sha256, data = _write(tar, member, target, source, error, keep=admitted is None)
+        extracted[rel] = (member.size, sha256)
+        files.add(rel)
+        directories.update(parents)
+        if admitted is None:
+            admitted = admit(prefix, data)
+    if admitted is None:
         raise error(f"{source}: holds no {what} files")
-    return prefix, extracted
+    return admitted[0], extracted
+
+
+def _write(
+    tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path, source: Path, error: type[Exception], keep: bool
+) -> tuple[str, bytes]:
+    """Copy one member to target (its declared size and no more); its sha256, and its bytes when keep."""
+    digest = hashlib.sha256()
+    kept = bytearray()
+    reader = tar.extractfile(member)
+    assert reader is not None  # regular files always have a reader
+    with reader, _create(target, member, source, error) as out:
+        while block := reader.read(2**20):  # read errors mean a damaged archive: the caller reports those
+            digest.update(block)
+            if keep:
+                kept += block
+            try:
+                out.write(block)
+            except OSError as exc:
+                raise error(f"{source}: cannot extract member {member.name!r}: {exc.strerror or exc}") from None
+    return digest.hexdigest(), bytes(kept)
+
+
+def _create(target: Path, member: tarfile.TarInfo, source: Path, error: type[Exception]) -> BinaryIO:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return open(target, "xb")
+    except OSError as exc:
+        raise error(f"{source}: cannot extract member {member.name!r}: {exc.strerror or exc}") from None

@@ -15,6 +15,8 @@ the next. This module reads bentos and manages the store of them; building one i
 from __future__ import annotations
 
 import builtins
+import functools
+import gzip
 import hashlib
 import os
 import re
@@ -22,11 +24,12 @@ import shutil
 import tarfile
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import msgspec
 import yaml
 
+from . import _yaml
 from ._archives import safe_extract, write_archive
 
 SCHEMA_VERSION = 1
@@ -90,6 +93,8 @@ class BentoManifest(msgspec.Struct, frozen=True, kw_only=True):
     traffic: dict[str, Any] = {}
     labels: dict[str, str] = {}
     python: PythonEnv
+    platform: str = "linux/amd64"
+    """The image platform the lock was resolved for (and the image is built for); older bentos are amd64."""
     base_image: str | None = None
     files: tuple[FileEntry, ...] = ()
     reports: dict[str, Any] = {}
@@ -107,14 +112,24 @@ def encode_manifest(manifest: BentoManifest) -> bytes:
 def read_manifest(path: Path) -> BentoManifest:
     file = path / MANIFEST_FILE
     try:
-        data = yaml.safe_load(file.read_bytes())
+        data = _yaml.read_manifest_bytes(file)
     except FileNotFoundError:
         raise BentoError(f"{path} is not a bento: it has no {MANIFEST_FILE}") from None
-    except yaml.YAMLError as exc:
-        raise BentoError(f"{file}: not valid YAML: {exc}") from None
+    except _yaml.RefusedYAMLError as exc:
+        raise BentoError(str(exc)) from None
+    return decode_manifest(data, file)
+
+
+def decode_manifest(raw: bytes, file: Path | str) -> BentoManifest:
+    """The manifest in raw (size-capped, no YAML aliases); BentoError names file and the problem."""
+    try:
+        data = _yaml.load(raw, file)
+    except _yaml.RefusedYAMLError as exc:
+        raise BentoError(str(exc)) from None
     if not isinstance(data, dict):
         raise BentoError(f"{file}: expected a mapping")
-    if data.get("schema_version", 0) > SCHEMA_VERSION:
+    schema = data.get("schema_version", 0)
+    if isinstance(schema, int) and schema > SCHEMA_VERSION:
         raise BentoError(
             f"{file}: schema version {data['schema_version']} is newer than this bento_like reads ({SCHEMA_VERSION})"
         )
@@ -152,11 +167,25 @@ class Bento:
         return self.info.tag
 
     def verify(self) -> None:
-        """Check every file the manifest lists against its size and sha256."""
+        """Check every file the manifest lists against its size and sha256, and every model it names as
+        Model.verify does, with the digest the manifest records."""
         for entry in self.info.files:
             file = self.path / entry.path
             if not file.is_file() or file.stat().st_size != entry.size or sha256_file(file) != entry.sha256:
                 raise BentoError(f"bento {self.tag}: file {entry.path!r} is missing or does not match its sha256")
+        if not self.info.models:
+            return
+        from .models import ModelStore, ModelStoreError
+
+        store = ModelStore(self.path / "models")
+        for model_entry in self.info.models:
+            try:
+                model = store.get(model_entry.tag)
+                model.verify()
+            except ModelStoreError as exc:
+                raise BentoError(f"bento {self.tag}: model {model_entry.tag}: {exc}") from None
+            if model.info.digest != model_entry.digest:
+                raise BentoError(f"bento {self.tag}: model {model_entry.tag} is not the one the manifest names")
 
     def __repr__(self) -> str:
         return f"Bento({self.tag!r}, path={str(self.path)!r})"
@@ -250,20 +279,16 @@ class BentoStore:
         try:
             with tar:
                 try:
-                    prefix, extracted = safe_extract(tar, source, staged, _is_prefix, "bento", BentoError)
-                except (tarfile.TarError, EOFError, zlib.error) as exc:
+                    manifest, extracted = safe_extract(
+                        tar, source, staged, _is_prefix, "bento", BentoError, MANIFEST_FILE,
+                        functools.partial(_admit, source),
+                    )
+                except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
                     raise BentoError(f"{source}: damaged archive: {exc}") from None
-            manifest = read_manifest(staged)
-            if f"{manifest.name}/{manifest.version}" != prefix:
-                raise BentoError(f"{source}: the manifest describes {manifest.tag} but the files are under {prefix}/")
-            listed = {e.path: (e.size, e.sha256) for e in manifest.files}
-            for path, facts in listed.items():
-                if extracted.get(path) != facts:
-                    raise BentoError(f"{source}: file {path!r} is missing or does not match the manifest")
-            stray = [p for p in extracted if p not in listed and p != MANIFEST_FILE and not p.startswith("models/")]
-            if stray:
-                raise BentoError(f"{source}: files not in the manifest: {sorted(stray)}")
-            _check_models(staged, manifest, source)
+            for entry in manifest.files:
+                if extracted.get(entry.path) != (entry.size, entry.sha256):
+                    raise BentoError(f"{source}: file {entry.path!r} is missing or does not match the manifest")
+            _check_models(staged, manifest, source, extracted)
             return self.install(staged, manifest)
         finally:
             shutil.rmtree(staged, ignore_errors=True)
@@ -273,20 +298,70 @@ def _is_prefix(name: str, version: str) -> bool:
     return bool(_NAME.match(name) and _VERSION.match(version))
 
 
-def _check_models(staged: Path, manifest: BentoManifest, source: Path) -> None:
-    """Every model the manifest names is present and intact; no other model rides along."""
+def _admit(source: Path, prefix: str, raw: bytes) -> tuple[BentoManifest, Callable[[str, int], None]]:
+    """bento.yaml, and the check each later member passes before it is written: a file bento.yaml lists, at
+    its size, or a file of a model it names, within that model's size (its manifest within the manifest limit)."""
+    from .models._manifest import MANIFEST_FILE as MODEL_MANIFEST
+
+    manifest = decode_manifest(raw, f"{source}:{prefix}/{MANIFEST_FILE}")
+    if f"{manifest.name}/{manifest.version}" != prefix:
+        raise BentoError(f"{source}: the manifest describes {manifest.tag} but the files are under {prefix}/")
+    sizes = {entry.path: entry.size for entry in manifest.files}
+    models = {f"models/{entry.tag.replace(':', '/')}": entry for entry in manifest.models}
+    room = {directory: entry.size for directory, entry in models.items()}
+
+    def check(rel: str, size: int) -> None:
+        if rel in sizes:
+            if size != sizes[rel]:
+                raise BentoError(
+                    f"{source}: member '{prefix}/{rel}' is {size} bytes in the archive, bento.yaml says {sizes[rel]}"
+                )
+            return
+        directory, inside = "/".join(rel.split("/")[:3]), "/".join(rel.split("/")[3:])
+        if directory not in models or not inside:
+            raise BentoError(f"{source}: member '{prefix}/{rel}' is not in bento.yaml")
+        if inside == MODEL_MANIFEST:
+            try:
+                _yaml.check_size(size, f"{source}:{prefix}/{rel}")
+            except _yaml.RefusedYAMLError as exc:
+                raise BentoError(str(exc)) from None
+            return
+        room[directory] -= size
+        if room[directory] < 0:
+            entry = models[directory]
+            raise BentoError(
+                f"{source}: member '{prefix}/{rel}' would take model {entry.tag} past the {entry.size} bytes "
+                "bento.yaml gives it"
+            )
+
+    return manifest, check
+
+
+def _check_models(
+    staged: Path, manifest: BentoManifest, source: Path, extracted: dict[str, tuple[int, str]]
+) -> None:
+    """Every model the manifest names is present and passes what a model import checks (its files as its
+    manifest says, its manifest's digest that of its content); no other model rides along."""
     from .models import ModelStore, ModelStoreError
+    from .models._archive import check_extracted
 
     store = ModelStore(staged / "models")
+    present = {":".join(p.split("/")[1:3]) for p in extracted if p.startswith("models/")}
     expected = {m.tag for m in manifest.models}
-    present = {m.tag for m in store.list()} if (staged / "models").is_dir() else set()
     if expected != present:
-        raise BentoError(f"{source}: models in the archive {sorted(present)} differ from the manifest's {sorted(expected)}")
+        raise BentoError(
+            f"{source}: models in the archive {sorted(present)} differ from the manifest's {sorted(expected)}"
+        )
     for entry in manifest.models:
+        directory = f"models/{entry.tag.replace(':', '/')}/"
+        files = {p.removeprefix(directory): facts for p, facts in extracted.items() if p.startswith(directory)}
         try:
             model = store.get(entry.tag)
-            model.verify()
         except ModelStoreError as exc:
             raise BentoError(f"{source}: model {entry.tag}: {exc}") from None
+        try:
+            check_extracted(model.path, model.info, files, f"{source}: model {entry.tag}")
+        except ModelStoreError as exc:
+            raise BentoError(str(exc)) from None
         if model.info.digest != entry.digest:
             raise BentoError(f"{source}: model {entry.tag} is not the one the manifest names (digest differs)")

@@ -161,7 +161,10 @@ def export_command(tag: str, path: str) -> None:
 @OUTPUT
 @_store_errors
 def import_command(path: str, trust: bool, output: str) -> None:
-    """Add the model in the archive PATH to the store and print its tag."""
+    """Add the model in the archive PATH to the store and print its tag.
+
+    The archive is checked before it is installed: its manifest comes first (at most $BENTO_LIKE_MAX_MANIFEST_MB
+    MiB, default 16, and no YAML aliases), and each file must be one the manifest lists, at its size and sha256."""
     from .. import models
 
     tag = models.import_model(path, trust=trust)

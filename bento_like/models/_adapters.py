@@ -58,6 +58,10 @@ class Adapter:
         trust. True unless an adapter knows better."""
         return True
 
+    def check_files(self, info: ModelInfo, root: Path) -> None:
+        """Raise ModelStoreError if the files in root (an imported model, already matched against its
+        manifest) would make load read outside them, as save refuses; called on import whatever the trust."""
+
 
 class PickleAdapter(Adapter):
     """Any object cloudpickle can serialize: estimators, tokenizers, pipelines, plain Python objects.

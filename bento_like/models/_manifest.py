@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from .. import _yaml
 from ._errors import InvalidTagError, ManifestError
 
 SCHEMA_VERSION = 1
@@ -25,6 +26,8 @@ CHUNK_SIZE = 16 * 2**20
 
 _NAME = re.compile(r"[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?")
 _VERSION = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
+# What version_from_digest makes: a version of this form must be its content's, or it would pass for it.
+_DIGEST_VERSION = re.compile(r"[0-9a-f]{16}")
 
 
 class FileEntry(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -116,6 +119,25 @@ def version_from_digest(digest: str) -> str:
     return digest.removeprefix("sha256:")[:16]
 
 
+def digest_version_error(version: str, digest: str) -> str | None:
+    """Why `version` cannot name content with `digest` (it looks like another content's digest), or None."""
+    if _DIGEST_VERSION.fullmatch(version) and version != version_from_digest(digest):
+        return (
+            f"version {version!r} looks like a content digest but the content's is "
+            f"{version_from_digest(digest)!r}; name it by another version"
+        )
+    return None
+
+
+def content_error(info: ModelInfo) -> str | None:
+    """Why the manifest does not describe its own content (its digest, its version), or None. created_at,
+    library_versions and chunk_size are records, not content: a copy may rewrite them."""
+    expected = content_digest(info.framework, info.files, info.signatures, info.metadata, info.labels, info.details)
+    if expected != info.digest:
+        return "the manifest's digest does not match what it describes"
+    return digest_version_error(info.version, info.digest)
+
+
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise InvalidTagError(
@@ -150,23 +172,30 @@ def encode(info: ModelInfo) -> bytes:
 
 
 def decode(data: bytes, source: Path | str) -> ModelInfo:
-    """Decode a manifest, refusing schemas newer than this reader with a message that says so."""
+    """Decode a manifest (size-capped, no YAML aliases), refusing schemas newer than this reader with a
+    message that says so."""
     try:
-        probe = msgspec.yaml.decode(data, type=_SchemaProbe)
+        document = _yaml.load(data, source)
+        # the types msgspec.yaml.decode lets through: PyYAML builds timestamps itself
+        probe = msgspec.convert(document, _SchemaProbe, builtin_types=(datetime, date))
         if probe.schema_version > SCHEMA_VERSION:
             raise ManifestError(
                 f"{source}: manifest schema {probe.schema_version} is newer than this bento_like reads "
                 f"({SCHEMA_VERSION}); upgrade bento_like"
             )
-        return msgspec.yaml.decode(data, type=ModelInfo)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        return msgspec.convert(document, ModelInfo, builtin_types=(datetime, date))
+    except _yaml.RefusedYAMLError as exc:
+        raise ManifestError(str(exc)) from None
+    except msgspec.ValidationError as exc:
         raise ManifestError(f"{source}: not a valid model manifest: {exc}") from exc
 
 
 def read(version_dir: Path) -> ModelInfo:
     path = version_dir / MANIFEST_FILE
     try:
-        data = path.read_bytes()
+        data = _yaml.read_manifest_bytes(path)
     except FileNotFoundError:
         raise ManifestError(f"{path}: manifest missing") from None
+    except _yaml.RefusedYAMLError as exc:
+        raise ManifestError(str(exc)) from None
     return decode(data, path)

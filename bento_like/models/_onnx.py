@@ -123,3 +123,22 @@ class OnnxAdapter(Adapter):
 
     def runs_code_on_load(self, info: ModelInfo) -> bool:
         return False
+
+    def check_files(self, info: ModelInfo, root: Path) -> None:
+        """ONNX Runtime reads external data from each tensor's `location`, relative to the model: an archive
+        must not point it at a file outside the model (`../../etc/hostname`) or one the model does not hold."""
+        try:
+            import onnx
+            from google.protobuf.message import DecodeError
+        except ImportError:
+            raise ModelStoreError(f"{info.tag}: checking an ONNX model needs the onnx package") from None
+        try:
+            proto = onnx.load(root / MODEL_FILE, load_external_data=False)
+        except (DecodeError, OSError, ValueError) as exc:
+            raise ModelStoreError(f"{info.tag}: {MODEL_FILE} is not a readable ONNX model: {exc}") from None
+        held = {entry.path for entry in info.files}
+        for location in _external_files(proto):
+            if PurePosixPath(location.replace("\\", "/")).as_posix() not in held:
+                raise ModelStoreError(
+                    f"{info.tag}: {MODEL_FILE} refers to external data {location!r}, which is not one of its files"
+                )

@@ -29,6 +29,7 @@ from ._adapters import Saved
 from ._digest import digest_files, list_files, verify_files
 from ._errors import (
     AdapterError,
+    IntegrityError,
     InvalidTagError,
     ManifestError,
     ModelExistsError,
@@ -44,6 +45,8 @@ from ._manifest import (
     check_name,
     check_version,
     content_digest,
+    content_error,
+    digest_version_error,
     encode,
     parse_tag,
     read,
@@ -86,7 +89,16 @@ class Model:
         return self.info.version
 
     def verify(self) -> None:
-        """Check every file's size and sha256 against the manifest; raises IntegrityError naming the file."""
+        """Check that the manifest's digest is that of what it describes (and a digest-like version that
+        digest), that the directory holds exactly the files it lists, and each file's size and sha256 (of each
+        chunk, for large files); raises IntegrityError naming what differs."""
+        problem = content_error(self.info)
+        if problem:
+            raise IntegrityError(f"{self.tag}: {problem} ({self.path / MANIFEST_FILE})")
+        present = list_files(self.path, exclude=frozenset({MANIFEST_FILE}))
+        extra = sorted(set(present) - {entry.path for entry in self.info.files})
+        if extra:
+            raise IntegrityError(f"{self.tag}: files not in the manifest: {extra} ({self.path})")
         verify_files(self.path, self.info.files, self.info.chunk_size, self.tag)
 
     def load(self, device: str = "cpu", *, verify: bool = True, **options: Any) -> Any:
@@ -174,6 +186,8 @@ class ModelStore:
                 raise AdapterError(f"adapter {adapter.framework!r} wrote {MANIFEST_FILE}, which the store owns")
             files = digest_files(staged, paths, CHUNK_SIZE)
             digest = content_digest(adapter.framework, files, saved.signatures, metadata, labels, details)
+            if version is not None and (problem := digest_version_error(version, digest)):
+                raise InvalidTagError(problem)
             info = ModelInfo(
                 schema_version=SCHEMA_VERSION,
                 name=name,

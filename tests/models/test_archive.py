@@ -124,6 +124,9 @@ def exported(tmp_path: Path) -> tuple[str, list[tuple[tarfile.TarInfo, bytes | N
 
 def _tamper_cases() -> dict[str, tuple[Callable[[str, list], list], str]]:
     def replace_file(tag: str, entries: list) -> list:
+        return [(m, b"a\nX\n" if m.name.endswith("vocab.txt") else d) for m, d in entries]
+
+    def grow_file(tag: str, entries: list) -> list:
         return [(m, b"a\nEVIL\n" if m.name.endswith("vocab.txt") else d) for m, d in entries]
 
     def extra_file(tag: str, entries: list) -> list:
@@ -173,11 +176,12 @@ def _tamper_cases() -> dict[str, tuple[Callable[[str, list], list], str]]:
 
     return {
         "replaced file": (replace_file, "does not match the manifest's size and sha256"),
-        "extra file": (extra_file, r"does not match the files: not in the manifest \['files/extra.py'\]"),
+        "grown file": (grow_file, "files/vocab.txt' is 7 bytes in the archive, the manifest says 4"),
+        "extra file": (extra_file, r"member 'vocab/.*/files/extra.py' is not in the manifest"),
         "missing file": (missing_file, r"missing from the archive \['files/vocab.txt'\]"),
         "manifest edited": (manifest_digest, "manifest's digest does not match"),
         "manifest of another version": (manifest_elsewhere, "describes vocab:.* but the files are under vocab/v2"),
-        "no manifest": (no_manifest, "has no manifest.yaml"),
+        "no manifest": (no_manifest, "the first file must be <name>/<version>/manifest.yaml"),
         "two models": (two_models, "holds more than one model"),
         "path traversal": (traversal, "points outside the model"),
         "absolute path": (absolute, "points outside the model"),
