@@ -8,7 +8,6 @@ unchanged gives the same version and installs nothing new. The build config come
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import hashlib
 import json
 import os
@@ -43,16 +42,16 @@ from ..description import APIDescription, describe, openapi_document
 from ..models import Model, ModelStore, default_store
 from ..models._store import STAGING_DIR
 from ..sdk.loader import load_service
-from .lock import resolve, runtime_requirements
+from ._sources import SecretsError, copy_sources, select_sources
+from .lock import PLATFORMS, resolve, runtime_requirements
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-DEFAULT_EXCLUDE = (
-    "__pycache__", "*.pyc", ".git", ".venv", "venv", ".pytest_cache", "*.egg-info", ".mypy_cache", "bentofile.yaml",
-)
+__all__ = ["BuildConfig", "BuildConfigError", "BuildResult", "SecretsError", "build_bento", "load_build_config"]
+
 # What each framework's models need at serving time, beyond bento_like itself.
 FRAMEWORK_REQUIREMENTS = {"torch": ("torch",), "onnx": ("onnxruntime",), "tensorrt": ("tensorrt",)}
 
@@ -105,7 +104,7 @@ def load_build_config(context: Path, file: Path | None = None) -> BuildConfig:
     if not isinstance(data, dict):
         raise BuildConfigError(f"{where}: expected a mapping of keys such as service, include, python")
     try:
-        return msgspec.convert(data, BuildConfig)
+        return _checked(msgspec.convert(data, BuildConfig), where)
     except msgspec.ValidationError as exc:
         message, _, path = str(exc).rpartition(" - at `")
         key = path.rstrip("`").removeprefix("$").lstrip(".") if path else ""
@@ -116,11 +115,20 @@ def load_build_config(context: Path, file: Path | None = None) -> BuildConfig:
         raise BuildConfigError(f"{where}: {key or 'top level'}: {message}") from None
 
 
+def _checked(cfg: BuildConfig, where: str) -> BuildConfig:
+    if cfg.python.platform not in PLATFORMS:
+        raise BuildConfigError(
+            f"{where}: python.platform: {cfg.python.platform!r} is not supported; use one of {', '.join(PLATFORMS)}"
+        )
+    return cfg
+
+
 @dataclass
 class BuildResult:
     bento: Bento
     created: bool  # False when the same version already existed
     seconds: float
+    warnings: tuple[str, ...] = ()  # what the user should look at: likely secrets shipped, private modes, size
 
 
 def build_bento(
@@ -131,19 +139,29 @@ def build_bento(
     store: BentoStore | None = None,
     model_store: ModelStore | None = None,
     refresh_lock: bool = False,
+    allow_secrets: bool = False,
     progress: Callable[[str], None] = lambda line: None,
 ) -> BuildResult:
+    """Build the service in `context` into a bento. Likely secrets that would ship raise SecretsError unless
+    `allow_secrets`; what deserves a look anyway (private file modes, a large src/) is in the result's warnings."""
     started = time.perf_counter()
     context = Path(context).resolve()
-    cfg = config or load_build_config(context, Path(config_file) if config_file else None)
+    cfg = _checked(config, "build config") if config else load_build_config(
+        context, Path(config_file) if config_file else None)
     store = store or BentoStore()
     model_store = model_store or default_store()
     spec = load_service(cfg.service, context)
     name = check_name(cfg.name or spec.name.lower().replace("_", "-"))
+    sources = select_sources(context, cfg.include, cfg.exclude, allow_secrets=allow_secrets)
+    if not any(f.endswith(".py") for f in sources.files):
+        raise BuildConfigError(f"include/exclude select no Python file from {context}")
     staged = store.staging()
     try:
         progress(f"service {spec.name} from {cfg.service}")
-        files = _copy_sources(context, staged / "src", cfg)
+        copy_sources(context, sources.files, staged / "src")
+        files = sources.files
+        for note in sources.notes:
+            progress(note)
         progress(f"source: {len(files)} files")
         models = _copy_models(spec, cfg, model_store, staged / "models", progress, context)
         python_version = cfg.python.version or f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -173,6 +191,7 @@ def build_bento(
             traffic=dataclasses.asdict(spec.traffic),
             labels=dict(sorted(cfg.labels.items())),
             python=PythonEnv(version=python_version, requirements=tuple(requirements)),
+            platform=cfg.python.platform,
             base_image=cfg.base_image,
             files=entries,
             build=BuildInfo(bento_like_version=__version__, python_version=sys.version.split()[0], created_at=""),
@@ -187,7 +206,8 @@ def build_bento(
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     progress(f"bento {bento.tag} {'already existed' if existed else 'built'} at {bento.path}")
-    return BuildResult(bento=bento, created=not existed, seconds=time.perf_counter() - started)
+    return BuildResult(bento=bento, created=not existed, seconds=time.perf_counter() - started,
+                       warnings=tuple(sources.warnings))
 
 
 def _now() -> str:
@@ -203,30 +223,6 @@ def _content_version(draft: BentoManifest) -> str:
     data.pop("build")
     data["bento_like_version"] = draft.build.bento_like_version
     return hashlib.sha256(msgspec.json.encode(data, order="sorted")).hexdigest()[:16]
-
-
-def _selected(rel: str, cfg: BuildConfig) -> bool:
-    parts = rel.split("/")
-    for pattern in (*DEFAULT_EXCLUDE, *cfg.exclude):
-        pattern = pattern.rstrip("/")
-        if fnmatch.fnmatch(rel, pattern) or any(fnmatch.fnmatch(p, pattern) for p in parts):
-            return False
-    return any(pattern in ("**", "*") or fnmatch.fnmatch(rel, pattern) for pattern in cfg.include)
-
-
-def _copy_sources(context: Path, dest: Path, cfg: BuildConfig) -> list[str]:
-    files = []
-    for path in sorted(context.rglob("*")):
-        rel = path.relative_to(context).as_posix()
-        if path.is_symlink() or not path.is_file() or not _selected(rel, cfg):
-            continue
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, target)
-        files.append(rel)
-    if not any(f.endswith(".py") for f in files):
-        raise BuildConfigError(f"include/exclude select no Python file from {context}")
-    return files
 
 
 def _copy_models(

@@ -8,6 +8,9 @@ Layers, ordered by how often they change (so a code change rebuilds and pushes o
 4. one layer per model, content-addressed: two images holding the same model share the blob;
 5. the code, the manifest, the lock and the OpenAPI spec.
 
+The image is for the platform the bento was locked for (its manifest's ``platform``), and is a function of the
+bento's version and the build's epoch (SOURCE_DATE_EPOCH, else 0): the manifests it ships carry that epoch as
+their creation time, not the moment the bento or its models were made.
 The image serves the bento on 0.0.0.0:3000 as user 10001, exactly like ``pkg serve <bento>``.
 """
 
@@ -16,12 +19,27 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from ..bentos import MANIFEST_FILE, BentoError, BentoStore
+import msgspec
+
+from ..bentos import MANIFEST_FILE, Bento, BentoError, BentoManifest, BentoStore, encode_manifest
 from .cache import touch
-from .oci import DEFAULT_USER, BaseImage, ImageConfig, ImageResult, LayerSpec, build_image, default_cache_dir, pip_install
+from .oci import (
+    DEFAULT_USER,
+    BaseImage,
+    File,
+    ImageConfig,
+    ImageResult,
+    LayerSpec,
+    Tree,
+    build_image,
+    default_cache_dir,
+    pip_install,
+    source_date_epoch,
+)
 
 BENTO_DIR = "/home/bento/bento"
 SITE_PACKAGES = "/opt/bento/site-packages"
@@ -33,8 +51,8 @@ class ContainerizeError(BentoError):
     """The image cannot be made from this bento as asked; the message says what to change."""
 
 
-def image_config(bento_info, port: int = PORT) -> ImageConfig:  # type: ignore[no-untyped-def]
-    """What the image runs, as whom, with which labels; shared with the Dockerfile backend."""
+def image_config(bento_info: BentoManifest, port: int = PORT) -> ImageConfig:
+    """What the image runs, as whom, on which platform, with which labels; shared with the Dockerfile backend."""
     info = bento_info
     return ImageConfig(
         entrypoint=["python3", "-m", "bento_like", "serve", BENTO_DIR, "--host", "0.0.0.0"],
@@ -57,7 +75,26 @@ def image_config(bento_info, port: int = PORT) -> ImageConfig:  # type: ignore[n
             "dev.bento_like.bento": info.tag,
             "dev.bento_like.service": info.service_name,
         },
+        platform=info.platform,
     )
+
+
+def shipped_manifests(bento: Bento, epoch: int) -> dict[str, bytes]:
+    """The bento's and its models' manifests as the image carries them (paths relative to the bento), with
+    `epoch` as their creation time: when the bento and the models were made is not part of their content, so it
+    must not change the image's digest either."""
+    from ..models import ModelStore
+
+    moment = datetime.fromtimestamp(epoch, tz=timezone.utc)
+    info = bento.info
+    build = msgspec.structs.replace(info.build, created_at=moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+    files = {MANIFEST_FILE: encode_manifest(msgspec.structs.replace(info, build=build))}
+    models = ModelStore(bento.path / "models")
+    for tag in sorted({m.tag for m in info.models}):
+        model = models.get(tag)
+        files[f"models/{tag.replace(':', '/')}/manifest.yaml"] = msgspec.yaml.encode(
+            msgspec.structs.replace(model.info, created_at=moment))
+    return files
 
 
 def runtime_tree(dest: Path) -> Path:
@@ -115,8 +152,11 @@ def containerize(
     cache_dir = cache_dir or default_cache_dir()
     out = Path(output) if output else store_image_dir(info.name)
     tag = tag or info.version
-    progress(f"dependencies: installing {bento.path / info.python.lock_file} for Python {info.python.version}")
-    site = installed_dependencies(bento.path / info.python.lock_file, info.python.version, "linux/amd64", cache_dir)
+    epoch = source_date_epoch()
+    manifests = shipped_manifests(bento, epoch)
+    progress(f"dependencies: installing {bento.path / info.python.lock_file} for Python {info.python.version} "
+             f"on {info.platform}")
+    site = installed_dependencies(bento.path / info.python.lock_file, info.python.version, info.platform, cache_dir)
     runtime = runtime_tree(cache_dir / "runtime" / f"build-{os.getpid()}")
     try:
         layers = [
@@ -124,16 +164,15 @@ def containerize(
             LayerSpec.directory(runtime, SITE_PACKAGES, comment="bento_like runtime"),
         ]
         for model in sorted({m.tag for m in info.models}):
-            name, version = model.split(":")
-            layers.append(
-                LayerSpec.directory(
-                    bento.path / "models" / name / version, f"{BENTO_DIR}/models/{name}/{version}", comment=f"model {model}"
-                )
-            )
+            relative = f"models/{model.replace(':', '/')}"
+            # The later source wins: the model's files, then its manifest with the image's epoch.
+            sources = (Tree(bento.path / relative, f"{BENTO_DIR}/{relative}"),
+                       File(f"{BENTO_DIR}/{relative}/manifest.yaml", manifests[f"{relative}/manifest.yaml"]))
+            layers.append(LayerSpec(f"model {model}", sources))
         code = LayerSpec.directory(bento.path / "src", f"{BENTO_DIR}/src", comment="code")
         code += LayerSpec.files(
             {
-                f"{BENTO_DIR}/{MANIFEST_FILE}": bento.path / MANIFEST_FILE,
+                f"{BENTO_DIR}/{MANIFEST_FILE}": manifests[MANIFEST_FILE],
                 f"{BENTO_DIR}/openapi.json": bento.path / "openapi.json",
                 f"{BENTO_DIR}/{info.python.lock_file}": bento.path / info.python.lock_file,
             },
@@ -149,6 +188,7 @@ def containerize(
             tag,
             archive=Path(archive) if archive else None,
             cache_dir=cache_dir / "layers",
+            epoch=epoch,
         )
     finally:
         shutil.rmtree(runtime, ignore_errors=True)

@@ -8,7 +8,8 @@ Both backends agree by construction: the Dockerfile has the same layers in the s
 bento_like's runtime, one per model, code + manifest), and its ENV/WORKDIR/USER/EXPOSE/ENTRYPOINT/LABELs come
 from `containerize.image_config`, the function the daemonless image's config comes from. The dependencies are
 installed by the host exactly as for the daemonless image and COPYed from the context, so the Dockerfile has no
-RUN step: the build needs no network and no Python of its own, only the base image.
+RUN step: the build needs no network and no Python of its own, only the base image. Both build for the platform
+the bento was locked for.
 """
 
 from __future__ import annotations
@@ -32,12 +33,11 @@ from .containerize import (
     image_config,
     installed_dependencies,
     runtime_tree,
+    shipped_manifests,
 )
-from .oci import default_cache_dir
+from .oci import default_cache_dir, source_date_epoch
 
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
-# The platform the dependencies are installed for (as in the daemonless backend): the image must be that one too.
-PLATFORM = "linux/amd64"
 
 
 class DockerBackendError(ContainerizeError):
@@ -80,6 +80,7 @@ def render_dockerfile(bento: Bento, base: str | None = None) -> str:
     template = resources.files("bento_like.templates").joinpath("Dockerfile.template").read_text()
     return Template(template).substitute(
         bento=info.tag,
+        platform=info.platform,
         base=base_reference(bento, base),
         site_packages=SITE_PACKAGES,
         bento_dir=BENTO_DIR,
@@ -109,8 +110,8 @@ def build_context(bento: Bento, directory: Path, *, cache_dir: Path | None = Non
     directory.mkdir(parents=True, exist_ok=True)
     cache_dir = cache_dir or default_cache_dir()
     lock = bento.path / info.python.lock_file
-    progress(f"dependencies: installing {lock} for Python {info.python.version}")
-    site = installed_dependencies(lock, info.python.version, PLATFORM, cache_dir)
+    progress(f"dependencies: installing {lock} for Python {info.python.version} on {info.platform}")
+    site = installed_dependencies(lock, info.python.version, info.platform, cache_dir)
     _stage_tree(site, directory / "site-packages", exclude={".complete"})
     with tempfile.TemporaryDirectory(prefix="bento_like-runtime-") as scratch:
         _stage_tree(runtime_tree(Path(scratch) / "runtime"), directory / "runtime")
@@ -119,8 +120,14 @@ def build_context(bento: Bento, directory: Path, *, cache_dir: Path | None = Non
         _stage_tree(bento.path / "models" / name / version, directory / "models" / name / version)
     code = directory / "bento"
     _stage_tree(bento.path / "src", code / "src")
-    for relative in (MANIFEST_FILE, "openapi.json", info.python.lock_file):
+    for relative in ("openapi.json", info.python.lock_file):
         _stage_file(bento.path / relative, code / relative)
+    # As in the daemonless image: the manifests carry the build's epoch, not when the bento and models were made.
+    for relative, data in shipped_manifests(bento, source_date_epoch()).items():
+        target = (code if relative == MANIFEST_FILE else directory) / relative
+        target.unlink(missing_ok=True)  # a hard link into the bento store: never write through it
+        target.write_bytes(data)
+        os.chmod(target, 0o644)
     return directory
 
 
@@ -141,7 +148,7 @@ def build_with_docker(ref: str, *, base: str | None = None, tag: str | None = No
         context = build_context(bento, Path(tmp) / "context", cache_dir=cache_dir, progress=progress)
         (context / "Dockerfile").write_text(dockerfile)
         progress(f"image: building {image} on {base} through {_docker_host()}")
-        _build(client, context, image, progress)
+        _build(client, context, image, bento.info.platform, progress)
     image_id = client.images.get(image).id
     progress(f"image: {image} {image_id}")
     return image
@@ -184,11 +191,11 @@ def _connect() -> Any:
     return client
 
 
-def _build(client: Any, context: Path, image: str, progress: Callable[[str], None]) -> None:
+def _build(client: Any, context: Path, image: str, platform: str, progress: Callable[[str], None]) -> None:
     """Stream the daemon's build output to `progress`; a failed step becomes a DockerBackendError with its message."""
     # No RUN step needs a network; "none" also keeps podman from setting up its bridge (and firewall rules).
     stream = client.api.build(path=str(context), dockerfile="Dockerfile", tag=image, rm=True, forcerm=True,
-                              decode=True, network_mode="none", platform=PLATFORM)
+                              decode=True, network_mode="none", platform=platform)
     recent: list[str] = []
     for chunk in stream:
         if "error" in chunk:

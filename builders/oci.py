@@ -192,11 +192,15 @@ def _merge_config(base_config: Mapping[str, Any], config: ImageConfig) -> dict[s
 
 
 def _reuse_base(base: BaseImage, layout: Layout, scratch: Path, cache_dir: Path | None,
-                platform: str) -> tuple[list[LayerResult], dict[str, Any], dict[str, str]]:
-    """Link the base's layers into layout: (their results, the base's config, annotations naming the base)."""
-    base_layout, base_tag, base_name = _open_base(base, scratch, cache_dir, platform)
-    descriptor, manifest = base_layout.image_manifest(base_tag, platform)
+                platform: str | None) -> tuple[list[LayerResult], dict[str, Any], dict[str, str]]:
+    """Link the base's layers into layout: (their results, the base's config, annotations naming the base).
+    With a `platform`, the base must be an image for it (or an index offering one)."""
+    wanted = platform or host_image_platform()
+    base_layout, base_tag, base_name = _open_base(base, scratch, cache_dir, wanted)
+    descriptor, manifest = base_layout.image_manifest(base_tag, wanted)
     base_config = json.loads(base_layout.read_blob(manifest["config"]["digest"]))
+    if platform is not None:
+        _check_base_platform(base_config, platform, base_name)
     diff_ids = base_config.get("rootfs", {}).get("diff_ids", [])
     if len(diff_ids) != len(manifest["layers"]):
         raise ImageError(f"{base_name}: its config lists {len(diff_ids)} diff_ids for {len(manifest['layers'])} layers")
@@ -213,6 +217,19 @@ def _reuse_base(base: BaseImage, layout: Layout, scratch: Path, cache_dir: Path 
     return results, base_config, annotations
 
 
+def _check_base_platform(base_config: Mapping[str, Any], platform: str, base_name: str) -> None:
+    """A base for another machine would give an image whose python3 cannot load the dependencies' wheels."""
+    os_name, _, rest = platform.partition("/")
+    arch, _, variant = rest.partition("/")
+    have_os, have_arch, have_variant = base_config.get("os"), base_config.get("architecture"), base_config.get("variant")
+    if not have_arch:
+        return
+    if (have_os, have_arch) != (os_name, arch) or (variant and have_variant and have_variant != variant):
+        have = "/".join(p for p in (have_os, have_arch, have_variant) if p)
+        raise ImageError(f"the base {base_name} is an image for {have}, not {platform}: use a base built for "
+                         f"{platform} (or an image index that offers it)")
+
+
 def _image_config(base_config: Mapping[str, Any], config: ImageConfig, layers: Sequence[LayerResult],
                   created: str) -> dict[str, Any]:
     """The base's config, extended: new platform if asked, merged runtime config, diff_ids and history."""
@@ -220,8 +237,9 @@ def _image_config(base_config: Mapping[str, Any], config: ImageConfig, layers: S
     if config.platform:
         os_name, _, arch = config.platform.partition("/")
         arch, _, variant = arch.partition("/")
+        if variant or merged.get("architecture") != arch:  # the base's own variant (arm64's v8) still holds
+            merged.pop("variant", None)
         merged.update(os=os_name, architecture=arch)
-        merged.pop("variant", None)
         if variant:
             merged["variant"] = variant
     elif not merged.get("architecture"):
@@ -256,7 +274,7 @@ def build_image(base: BaseImage | None, layers: Sequence[LayerSpec], config: Ima
     if base is not None:
         with tempfile.TemporaryDirectory(prefix="bento_like-base-") as scratch:
             results, base_config, annotations = _reuse_base(base, layout, Path(scratch), cache_dir,
-                                                            config.platform or host_image_platform())
+                                                            config.platform)
     results += build_layers(layers, layout, cache_dir, epoch, compress_level)
     config_digest, config_size = layout.write_blob(canonical_json(_image_config(base_config, config, results,
                                                                                 created)))

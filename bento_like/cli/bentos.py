@@ -39,16 +39,23 @@ def _document(bento: Any) -> dict[str, Any]:
 @click.argument("context", default=".", type=click.Path(exists=True, file_okay=False))
 @click.option("-f", "--file", "config_file", type=click.Path(exists=True, dir_okay=False), help="Build config [CONTEXT/bentofile.yaml].")
 @click.option("--refresh-lock", is_flag=True, help="Resolve the Python requirements again instead of reusing the cached lock.")
+@click.option("--allow-secrets", is_flag=True,
+              help="Ship files that look like secrets (keys, tokens, .env) instead of refusing to build.")
 @OUTPUT
 @_bento_errors
-def build(context: str, config_file: str | None, refresh_lock: bool, output: str) -> None:
-    """Build the service in CONTEXT into a bento: code, exact models, locked environment, API spec."""
+def build(context: str, config_file: str | None, refresh_lock: bool, allow_secrets: bool, output: str) -> None:
+    """Build the service in CONTEXT into a bento: code, exact models, locked environment, API spec.
+
+    Secrets and junk are left out by default; CONTEXT/.bentoignore (gitignore syntax) excludes more."""
     from ..builders.bento import build_bento
 
     quiet = output == "json"
     result = build_bento(
-        context, config_file=config_file, refresh_lock=refresh_lock, progress=(lambda _: None) if quiet else click.echo
+        context, config_file=config_file, refresh_lock=refresh_lock, allow_secrets=allow_secrets,
+        progress=(lambda _: None) if quiet else click.echo,
     )
+    for warning in result.warnings:
+        click.echo(f"Warning: {warning}", err=True)
     if quiet:
         click.echo(json.dumps({"tag": result.bento.tag, "path": str(result.bento.path), "created": result.created}))
     else:
@@ -120,7 +127,10 @@ def export_bento(ref: str, path: str) -> None:
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 @_bento_errors
 def import_bento(path: str) -> None:
-    """Add the bento in the archive PATH to the store and print its tag."""
+    """Add the bento in the archive PATH to the store and print its tag.
+
+    bento.yaml comes first and every file is checked against it, and each model against its own manifest,
+    before the bento is installed."""
     from ..bentos import BentoStore
 
     click.echo(BentoStore().import_(path).tag)

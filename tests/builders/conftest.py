@@ -322,3 +322,17 @@ def python_base_layout() -> PythonBase:
             shutil.rmtree(rootfs)
             done.touch()
     return PythonBase(layout, PYTHON_BASE_TAG, "3.11", "2.36", json.loads(timings_path.read_text()))
+
+
+@pytest.fixture
+def tiny_base(tmp_path: Path) -> Callable[[str], str]:
+    """`tiny_base("linux/arm64")` -> `oci:DIR:TAG` of a one-file image for that platform: a base to build on
+    (and inspect), never to run, so any platform will do on any host."""
+
+    def make(platform: str) -> str:
+        layout = tmp_path / f"tiny-base-{platform.replace('/', '-')}"
+        layer = LayerSpec.files({"/etc/tiny-base": platform}, comment="tiny base")
+        build_image(None, [layer], ImageConfig(user=None, platform=platform), layout, "base")
+        return f"oci:{layout}:base"
+
+    return make

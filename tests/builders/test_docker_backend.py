@@ -75,7 +75,7 @@ def test_dockerfile_has_the_daemonless_layers_and_config(bento: str) -> None:
     lines = dockerfile.splitlines()
     instructions = [line.split()[0] for line in lines if line and not line.startswith(("#", " "))]
     assert instructions[:6] == ["FROM", "COPY", "COPY", "COPY", "COPY", "COPY"]  # deps, runtime, 2 models, code
-    assert f"FROM {BASE}" in lines
+    assert f"FROM --platform=linux/amd64 {BASE}" in lines
     copies = [line for line in lines if line.startswith("COPY ")]
     assert copies[0] == "COPY site-packages/ /opt/bento/site-packages/"
     assert copies[1] == "COPY runtime/ /opt/bento/site-packages/"
