@@ -57,6 +57,7 @@ def serve(target: str, **opts) -> None:  # type: ignore[no-untyped-def]
     from ..sdk.api import ServiceDefinitionError
     from ..serving import ServeOptions, serve as run
     from ..serving.tuning import SettingsError
+    from ..serving.workers import ServeError
 
     try:
         run(
@@ -76,7 +77,7 @@ def serve(target: str, **opts) -> None:  # type: ignore[no-untyped-def]
                 max_queue=opts["max_queue"],
             ),
         )
-    except (ServiceDefinitionError, SettingsError) as exc:
+    except (ServiceDefinitionError, SettingsError, ServeError) as exc:
         raise click.ClickException(str(exc)) from None
 
 

@@ -2,14 +2,15 @@
 object, read from the environment once per server and handed to each worker with its other settings.
 
 The environment knobs (``BENTO_LIKE_INLINE_MS``, ``BENTO_LIKE_COMPUTE_THREADS``, ``BENTO_LIKE_BATCH_PRIORITY``,
-``BENTO_LIKE_SWITCH_INTERVAL_MS``) are read here and nowhere else in the runtime, as is the little the server's
-own processes tell each other through the environment. The other fields are the constants the batching
-policy and the placement of calls work with; each is documented where it is declared, and docs/batching.md
-says which simulated scenario needs it. Tests and the simulator build their own ``Tuning`` to vary them.
+``BENTO_LIKE_SWITCH_INTERVAL_MS``, and the connection deadlines and limits of ``HTTPTuning``) are read here and
+nowhere else in the runtime, as is the little the server's own processes tell each other through the
+environment. The other fields are the constants the batching policy and the placement of calls work with; each
+is documented where it is declared, and docs/batching.md says which simulated scenario needs it. Tests and the simulator build their own ``Tuning`` to vary them.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Mapping
 
@@ -101,9 +102,43 @@ class PlacementTuning(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         _at_least(self, 1, "request_threads")
 
 
+class HTTPTuning(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The deadlines and limits of the server's connections (serving/protocol.py, serving/workers.py): what a
+    slow, idle or abandoned client may hold, and for how long, and how a stop drains."""
+
+    header_timeout_s: float = 10.0
+    """``BENTO_LIKE_HEADER_TIMEOUT_S``: a request's headers must arrive whole this long after its first byte
+    (or after the connection opened): a total, so a client that sends a header line now and then is cut off
+    too. Past it: 408 and the connection closed."""
+    body_timeout_s: float = 30.0
+    """``BENTO_LIKE_BODY_TIMEOUT_S``: a request's body must arrive whole this long after its headers. The body
+    is read before the request reaches its API, so a slow body holds a connection, never a slot of the API."""
+    keep_alive_s: float = 5.0
+    """``BENTO_LIKE_KEEP_ALIVE_S``: an open connection between requests is closed after this long idle."""
+    body_buffer_mib: float = 256.0
+    """``BENTO_LIKE_BODY_BUFFER_MIB``: request bodies read ahead of their API, all connections together; past it
+    a connection's reading waits for room (its body deadline still runs). A body alone always gets through."""
+    max_connections: int = 2048
+    """``BENTO_LIKE_MAX_CONNECTIONS``: open connections per process. A connection past it closes the oldest
+    one that has no request running (idle, or still sending its request); with none such, it gets 503."""
+    drain_s: float = 0.0
+    """``BENTO_LIKE_DRAIN_S``: on SIGTERM, /readyz answers 503 at once and requests are still served this
+    long (for a load balancer to stop sending any) before the port closes."""
+
+    def __post_init__(self) -> None:
+        positive = ("header_timeout_s", "body_timeout_s", "keep_alive_s", "body_buffer_mib")
+        _positive(self, *positive)
+        _at_least(self, 1, "max_connections")
+        _at_least(self, 0.0, "drain_s")
+        for f in (*positive, "drain_s"):
+            if not math.isfinite(getattr(self, f)):
+                raise ValueError(f"{f} must be a finite number, got {getattr(self, f)}")
+
+
 class Tuning(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     batching: BatchTuning = msgspec.field(default_factory=BatchTuning)
     placement: PlacementTuning = msgspec.field(default_factory=PlacementTuning)
+    http: HTTPTuning = msgspec.field(default_factory=HTTPTuning)
     batch_priority: int = 10
     """``BENTO_LIKE_BATCH_PRIORITY``: nice steps batch threads get above the process's other threads (0: off)."""
     switch_interval_ms: float = 1.0
@@ -123,8 +158,7 @@ class Tuning(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         """The defaults, with the ``BENTO_LIKE_`` knobs set in ``environ`` (``os.environ`` by default); a bad
         value raises ValueError naming the variable and what it takes."""
         env = os.environ if environ is None else environ
-        placement: dict[str, Any] = {}
-        top: dict[str, Any] = {}
+        parts: dict[str, dict[str, Any]] = {"placement": {}, "http": {}, "top": {}}
         for name, (target, field, parse, what) in _KNOBS.items():
             raw = env.get(ENV_PREFIX + name)
             if raw is None or raw.strip() == "":
@@ -133,9 +167,10 @@ class Tuning(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 value = parse(raw)
             except ValueError:
                 raise SettingsError(f"{ENV_PREFIX}{name} must be {what}, got {raw!r}") from None
-            (placement if target == "placement" else top)[field] = value
+            parts[target][field] = value
         try:
-            return cls(placement=PlacementTuning(**placement), **top)
+            placement, http = PlacementTuning(**parts["placement"]), HTTPTuning(**parts["http"])
+            return cls(placement=placement, http=http, **parts["top"])
         except ValueError as exc:
             names = {field: ENV_PREFIX + name for name, (_, field, _, _) in _KNOBS.items()}
             message = str(exc)
@@ -145,11 +180,24 @@ class Tuning(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise SettingsError(message) from None
 
 
+def _finite(raw: str) -> float:
+    value = float(raw)
+    if not math.isfinite(value):  # an infinite deadline or drain would never end
+        raise ValueError(raw)
+    return value
+
+
 _KNOBS: dict[str, tuple[str, str, Any, str]] = {
     "INLINE_MS": ("placement", "inline_ms", float, "a number of milliseconds"),
     "COMPUTE_THREADS": ("placement", "compute_threads", int, "an integer number of threads"),
     "BATCH_PRIORITY": ("top", "batch_priority", int, "an integer number of nice steps"),
     "SWITCH_INTERVAL_MS": ("top", "switch_interval_ms", float, "a number of milliseconds"),
+    "HEADER_TIMEOUT_S": ("http", "header_timeout_s", _finite, "a number of seconds"),
+    "BODY_TIMEOUT_S": ("http", "body_timeout_s", _finite, "a number of seconds"),
+    "KEEP_ALIVE_S": ("http", "keep_alive_s", _finite, "a number of seconds"),
+    "BODY_BUFFER_MIB": ("http", "body_buffer_mib", _finite, "a number of MiB"),
+    "MAX_CONNECTIONS": ("http", "max_connections", int, "an integer number of connections"),
+    "DRAIN_S": ("http", "drain_s", _finite, "a number of seconds"),
 }
 
 

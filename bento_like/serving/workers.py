@@ -4,21 +4,29 @@ With ``--workers N`` the parent binds the port once, starts N worker processes t
 watches them: a worker that dies is restarted (with back-off if it keeps dying), and meanwhile every worker's
 ``/readyz`` answers 503 naming the missing worker. GPUs are split among workers through CUDA_VISIBLE_DEVICES.
 
-Graceful stop: on SIGTERM a worker stops accepting, lets in-flight requests finish (up to
-``graceful_timeout``), runs the ``@on_shutdown`` hooks and exits 0; the parent forwards SIGTERM to every
-worker, waits for them and exits 0.
+Graceful stop, the same in one process and in each worker: on SIGTERM ``/readyz`` answers 503 at once;
+requests are still served for ``drain_s``; then the listening socket takes no new connection (new SYNs are
+dropped, so a client is refused, never reset), those the kernel already accepted are taken and served, and
+the socket closes; in-flight requests finish (up to ``graceful_timeout``), the ``@on_shutdown`` hooks run and
+the process exits 0. The parent forwards SIGTERM to every worker, closes its own copy of the socket (else the
+kernel would go on accepting connections nobody takes), waits for them and exits 0.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import ctypes
 import dataclasses
+import errno
 import logging
 import multiprocessing
 import os
 import shutil
 import signal
 import socket
+import struct
+import sys
 import tempfile
 import threading
 import time
@@ -34,6 +42,10 @@ from .app import ServeOptions, create_app
 from .tuning import Tuning, from_reloader, hand_to_reloaded
 
 log = logging.getLogger("bento_like.serving")
+
+
+class ServeError(Exception):
+    """The server cannot start (its port is taken, say); the message says why, for one ``Error:`` line."""
 
 
 def serve(
@@ -57,24 +69,25 @@ def serve(
     where = _resolve_bento(target, working_dir)
     spec = _load(where)
     app = create_app(spec, options)  # fails fast, in the parent, on an API that cannot be served
-    from .protocol import HttpProtocol
     workers = workers or spec.workers
     server_args: dict[str, Any] = dict(
         log_level=log_level,
         access_log=access_log,
         timeout_graceful_shutdown=graceful_timeout,
+        timeout_keep_alive=options.tuning.http.keep_alive_s,
         log_config=None,
         server_header=False,
-        http=HttpProtocol,  # uvicorn's httptools protocol, each response sent in one write (protocol.py)
+        ws="none",  # no API is a WebSocket; an upgraded connection would leave the protocol's deadlines behind
     )
     if reload:
+        _bind(host, port).close()  # a port in use is one error line here, not uvicorn's exit 3
         _serve_with_reload(where, options, host, port, server_args)
     elif workers > 1:
         Supervisor(spec, where, options, workers, host, port, server_args, graceful_timeout).run()
     else:
-        import uvicorn
-
-        _server(uvicorn.Config(app, host=host, port=port, **server_args)).run()
+        sock = _bind(host, port)
+        log.info("serving %s on http://%s:%d", spec.name, *sock.getsockname()[:2])
+        _server(app, server_args).run(sockets=[sock])
 
 
 class Target(msgspec.Struct, frozen=True):
@@ -130,6 +143,8 @@ def _serve_with_reload(
 ) -> None:
     import uvicorn
 
+    from .protocol import HttpProtocol
+
     hand_to_reloaded(msgspec.json.encode(_ReloadSettings(where, options, server_args["log_level"])))
     uvicorn.run(
         "bento_like.serving.workers:app_from_env",
@@ -139,6 +154,7 @@ def _serve_with_reload(
         reload_includes=["*.py"],
         host=host,
         port=port,
+        http=HttpProtocol,  # the reloader pickles its config: the default protocol, not one made per server
         **server_args,
     )
 
@@ -199,6 +215,9 @@ class Supervisor:
 
     def _stop(self, signum: int, frame: Any) -> None:
         self.stopping = True
+        for proc in self.procs:  # at once: each worker's /readyz turns 503 now
+            if proc is not None and not isinstance(proc, _Delayed) and proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM)
 
     def _start(self, i: int) -> None:
         self.status[i] = 0
@@ -239,6 +258,9 @@ class Supervisor:
         for proc in procs:
             if proc.is_alive():
                 os.kill(proc.pid, signal.SIGTERM)
+        # The workers hold the socket while they drain it; held here too, it would stay open after they closed
+        # theirs, and the kernel would accept connections that nobody takes and that are reset at our exit.
+        self.sock.close()
         deadline = time.monotonic() + self.graceful_timeout + 5
         for proc in procs:
             proc.join(max(0.1, deadline - time.monotonic()))
@@ -259,22 +281,26 @@ class _Delayed:
 
 
 def _worker_main(index: int, sock: socket.socket, status: Any, settings: dict[str, Any]) -> None:
-    import uvicorn
-
     if settings["cuda_visible_devices"] is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = settings["cuda_visible_devices"]
     _configure_logging(settings["server_args"]["log_level"])
     options = settings["options"]
     spec = _load(settings["where"])
     app = create_app(spec, options, worker_status=(status, index))
-    _server(uvicorn.Config(app, **settings["server_args"])).run(sockets=[sock])
+    _server(app, settings["server_args"]).run(sockets=[sock])
 
 
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = {errno.EADDRINUSE: "the address is already in use", errno.EACCES: "permission denied",
+                  errno.EADDRNOTAVAIL: "no interface has this address"}.get(exc.errno or 0, exc.strerror or str(exc))
+        raise ServeError(f"cannot listen on {host}:{port}: {reason}") from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
@@ -298,11 +324,20 @@ def _split_gpus(spec: ServiceSpec, workers: int) -> list[str] | None:
     return [ids[i % len(ids)] for i in range(workers)]
 
 
-def _server(config: Any) -> Any:
+def _server(app: Any, server_args: dict[str, Any]) -> Any:
+    """uvicorn's server for ``app`` on our protocol (serving/protocol.py), stopping as the module says."""
     import uvicorn
 
+    from .protocol import protocol_class
+
+    state = app.state.server
+    http = state.tuning.http
+    protocol = protocol_class(http, state.max_body_size)
+    config = uvicorn.Config(app, http=protocol, **server_args)
+
     class Server(uvicorn.Server):
-        """uvicorn's server, except that a SIGTERM/SIGINT it handled gracefully ends the process with 0.
+        """uvicorn's server, except that it drains before it closes the port, and that a SIGTERM/SIGINT it
+        handled gracefully ends the process with 0.
 
         uvicorn re-raises the signal after its graceful shutdown, so the process dies "by signal"; an
         orchestrator (and a user's shell) should see a clean exit when every request was answered.
@@ -320,7 +355,58 @@ def _server(config: Any) -> Any:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            protocol.registry.stopping = True  # /readyz answers 503 from the next request on
+            super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            if http.drain_s and not self.force_exit:
+                log.info("stopping: /readyz answers 503; serving on for %g s before closing the port", http.drain_s)
+                await asyncio.sleep(http.drain_s)
+            listeners = [sock for server in self.servers for sock in server.sockets]
+            await _drain_listeners(listeners)
+            await super().shutdown(sockets)
+
     return Server(config)
+
+
+_SO_ATTACH_FILTER = 26  # Linux's <asm-generic/socket.h>
+_TCPI_UNACKED = 24  # offset of tcpi_unacked in struct tcp_info: a listening socket's accept queue length
+_DRAIN_LIMIT_S = 2.0  # the queue is taken in a loop turn or two; this only bounds a stuck loop
+
+
+async def _drain_listeners(listeners: list[Any]) -> None:
+    """Stop new connections at the kernel while the event loop takes those it already accepted.
+
+    Closing a listening socket resets every connection in its accept queue: clients that connected and sent a
+    request. A socket filter that drops everything first makes the kernel answer no new SYN (the client
+    retries, and is refused once the socket is closed); then the queue is emptied by the server's own accept
+    loop. Elsewhere than Linux the socket is closed as it is."""
+    if not sys.platform.startswith("linux") or not listeners:
+        return
+    drop_all = (ctypes.c_ubyte * 8).from_buffer_copy(struct.pack("HBBI", 0x06, 0, 0, 0))  # BPF_RET|BPF_K 0
+    program = struct.pack("@HP", 1, ctypes.addressof(drop_all))
+    try:
+        for sock in listeners:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, program)
+    except OSError as exc:
+        log.warning("could not stop new connections before closing the port (%s); closing it as it is", exc)
+        return
+    deadline = time.monotonic() + _DRAIN_LIMIT_S
+    while time.monotonic() < deadline:
+        queued = sum(_accept_queue(sock) for sock in listeners)
+        if not queued:
+            return
+        await asyncio.sleep(0.005)
+    log.warning("connections were still queued on the port %g s after it stopped taking new ones", _DRAIN_LIMIT_S)
+
+
+def _accept_queue(sock: Any) -> int:
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_UNACKED + 4)
+    except OSError:
+        return 0
+    return struct.unpack_from("I", info, _TCPI_UNACKED)[0] if len(info) >= _TCPI_UNACKED + 4 else 0
 
 
 def _configure_logging(level: str) -> None:

@@ -45,8 +45,12 @@ def test_sigterm_finishes_in_flight_requests_runs_shutdown_hooks_and_exits_0(sta
     hooks = tmp_path / "hooks.log"
     server = start_server("full.py:Full", cwd=SERVICES, env={"HOOK_LOG": str(hooks)})
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(httpx.post, server.url + "/slow", json={"seconds": 1.0}, timeout=10) for _ in range(3)]
-        time.sleep(0.4)  # the requests are in flight
+        futures = [pool.submit(httpx.post, server.url + "/slow", json={"seconds": 2.0}, timeout=10) for _ in range(3)]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # all three in flight (a fixed sleep lost one on a busy machine)
+            if 'bento_like_requests_in_flight{api="slow"} 3' in httpx.get(server.url + "/metrics", timeout=5).text:
+                break
+            time.sleep(0.02)
         server.proc.send_signal(signal.SIGTERM)
         results = [f.result() for f in futures]
     assert [r.status_code for r in results] == [200, 200, 200]

@@ -131,3 +131,37 @@ def test_a_stream_starts_before_it_ends(server) -> None:
     assert status == 200 and headers["content-type"].startswith("text/event-stream")
     assert b"data: 2" in reader.buf
     assert first < 1.0 <= total, (first, total)
+
+
+def test_the_uvicorn_hooks_the_protocol_overrides_exist() -> None:
+    """protocol.py overrides private methods of uvicorn's httptools protocol; a uvicorn that renamed one would
+    leave our code silently unused. The import-time check must name the missing hook and the tested range."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    from bento_like.serving import protocol
+
+    protocol.check_hooks(HttpToolsProtocol)  # the installed uvicorn has every hook
+
+    class Renamed(HttpToolsProtocol):
+        pass
+
+    Renamed._start_asgi_task = property()  # type: ignore[assignment]  # no longer a method
+    with pytest.raises(RuntimeError, match=r"_start_asgi_task.*uvicorn"):
+        protocol.check_hooks(Renamed)
+
+
+def test_uvicorn_is_pinned_to_the_range_the_protocol_was_tested_with() -> None:
+    import re
+
+    import uvicorn
+    from packaging.version import Version
+
+    from bento_like.serving.protocol import UVICORN_TESTED
+
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    line = re.search(r'^\s*"uvicorn\[standard\]([^"]*)"', pyproject, re.M)
+    assert line, "no uvicorn dependency in pyproject.toml"
+    spec = line.group(1).replace(" ", "")
+    low, high = UVICORN_TESTED
+    assert spec == f">={low},<{high}", f"uvicorn must be pinned to the tested range {low}..{high}, not {spec!r}"
+    assert Version(low) <= Version(uvicorn.__version__) < Version(high)
