@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar, overload
+from typing import Any, Callable, Mapping, TypeVar, Union, overload
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 API_ATTR = "__bento_api__"
+
+DEFAULT_WARMUP_TIMEOUT = 60.0
+"""Seconds one API's warm-up may take, on all instances together, before the server gives up starting."""
+
+Warmup = Union[bool, Mapping[str, Any], None]
+"""What ``@api(warmup=...)`` takes: True (zeros of the declared shapes, or of the model's signature), an example
+input as a request's JSON object would hold it, or False/None (no warm-up)."""
 
 
 class ServiceDefinitionError(TypeError):
@@ -29,6 +36,8 @@ class APIConfig:
     batch_dim: int | tuple[int, int] = 0
     preferred_batch_sizes: tuple[int, ...] = ()
     params: tuple[str, ...] = field(default=())
+    warmup: bool | dict[str, Any] = field(default=False, hash=False)
+    warmup_timeout: float = DEFAULT_WARMUP_TIMEOUT
 
     @property
     def input_batch_dim(self) -> int:
@@ -53,6 +62,8 @@ def api(
     max_latency_ms: float = 1000.0,
     batch_dim: int | tuple[int, int] = 0,
     preferred_batch_sizes: list[int] | tuple[int, ...] | None = None,
+    warmup: Warmup = False,
+    warmup_timeout: float = DEFAULT_WARMUP_TIMEOUT,
 ) -> Callable[[F], F]: ...
 
 
@@ -66,6 +77,8 @@ def api(
     max_latency_ms: float = 1000.0,
     batch_dim: int | tuple[int, int] = 0,
     preferred_batch_sizes: list[int] | tuple[int, ...] | None = None,
+    warmup: Warmup = False,
+    warmup_timeout: float = DEFAULT_WARMUP_TIMEOUT,
 ) -> Any:
     """Expose a service method as ``POST /<route>``.
 
@@ -73,6 +86,12 @@ def api(
     JSON object keyed by parameter name. A batchable API takes exactly one input; the runtime may merge several
     requests along ``batch_dim`` (at most ``max_batch_size`` items) and hold a request at most
     ``max_latency_ms`` before it runs.
+
+    Nothing is called before the first request unless ``warmup`` asks: ``warmup=True`` calls the API once per
+    instance with zeros (one item of each input's declared ``Shape``, or of the service's model's signature),
+    ``warmup={"text": "hello"}`` with that input. It must end within ``warmup_timeout`` seconds; one that
+    fails or runs longer keeps the server from turning ready. A batchable API's warm-up also seeds its
+    batcher's latency model.
     """
 
     def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -102,6 +121,7 @@ def api(
             raise ServiceDefinitionError(
                 f"API {api_name!r}: preferred_batch_sizes must be ints between 1 and max_batch_size ({max_batch_size})"
             )
+        example = _warmup(api_name, f, params, warmup, warmup_timeout)
         api_route = route if route is not None else "/" + api_name
         if not api_route.startswith("/") or " " in api_route:
             raise ServiceDefinitionError(f"API {api_name!r}: route must start with '/' and hold no spaces, got {api_route!r}")
@@ -117,6 +137,8 @@ def api(
                 batch_dim=batch_dim,
                 preferred_batch_sizes=preferred,
                 params=params,
+                warmup=example,
+                warmup_timeout=float(warmup_timeout),
             ),
         )
         return f
@@ -140,6 +162,38 @@ def _api_params(f: Callable[..., Any], api_name: str) -> tuple[str, ...]:
             raise ServiceDefinitionError(f"API {api_name!r}: parameter {p.name!r} is positional-only; inputs travel by name")
         names.append(p.name)
     return tuple(names)
+
+
+def _warmup(api_name: str, f: Callable[..., Any], params: tuple[str, ...], warmup: Warmup,
+            timeout: Any) -> bool | dict[str, Any]:
+    """The warm-up asked for, checked: what the declaration alone can tell (the values are checked against the
+    API's input types when the server loads the service)."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ServiceDefinitionError(f"API {api_name!r}: warmup_timeout must be seconds > 0, got {timeout!r}")
+    if warmup is None or warmup is False:
+        return False
+    if inspect.isgeneratorfunction(f) or inspect.isasyncgenfunction(f):
+        raise ServiceDefinitionError(f"API {api_name!r} streams (it is a generator) and cannot be warmed up")
+    if warmup is True:
+        return True
+    if not isinstance(warmup, Mapping) or not all(isinstance(k, str) for k in warmup):
+        raise ServiceDefinitionError(
+            f"API {api_name!r}: warmup must be True, False or an example input (a dict of parameter name to value, "
+            f"as a request's JSON object holds it), got {type(warmup).__name__}"
+        )
+    unknown = [k for k in warmup if k not in params]
+    if unknown:
+        raise ServiceDefinitionError(
+            f"API {api_name!r}: warmup names {', '.join(map(repr, unknown))}, which is not a parameter; "
+            f"its parameters: {', '.join(params) or 'none'}"
+        )
+    signature = inspect.signature(f).parameters
+    missing = [p for p in params if signature[p].default is inspect.Parameter.empty and p not in warmup]
+    if missing:
+        raise ServiceDefinitionError(
+            f"API {api_name!r}: warmup lacks the required input(s) {', '.join(map(repr, missing))}"
+        )
+    return dict(warmup)
 
 
 def get_api_config(obj: Any) -> APIConfig | None:

@@ -36,6 +36,7 @@ from .placement import BatchPlacement, ServerLoad
 from .routes import APIEndpoint
 from .tuning import Tuning
 from .v2 import v2_routes
+from .warmup import WarmupFailed, WarmupPlan
 
 log = logging.getLogger("bento_like.serving")
 
@@ -76,14 +77,21 @@ class ServerState:
         self.endpoints: list[APIEndpoint] = []
         self.ready = False
         self.failure: str | None = None
+        self.api_names = {entry.attr: entry.config.name for entry in spec.apis}
+        self.warmups: dict[str, WarmupPlan] = {}  # by API name: the warm-ups the APIs asked for
 
     async def start(self) -> None:
         try:
             await self.pool.start()
-            await self.warm_up()
         except Exception as exc:
             self.failure = f"{type(exc).__name__}: {exc}"
             log.exception("building the instances of %s failed; the server will not become ready", self.spec.name)
+            return
+        try:
+            await self.warm_up()
+        except WarmupFailed as exc:
+            self.failure = str(exc)
+            log.error("%s; the server will not become ready", exc, exc_info=exc.__cause__)
             return
         _freeze_heap()
         self.ready = True
@@ -103,30 +111,61 @@ class ServerState:
         return [i for i in range(len(shared)) if shared[i] != 1]
 
     async def warm_up(self) -> None:
-        """Run each API whose inputs can be made up (arrays of declared shape) before turning ready.
-
-        A warm-up that fails (a model that refuses zeros, say) is logged and skipped: the latency model
-        then learns from the first real batches instead."""
+        """Run the warm-ups the APIs asked for, then start the batchers. A batchable API without one starts with
+        an empty latency model, which learns from its first batches (docs/batching.md)."""
         for ep in self.endpoints:
-            try:
-                await self._warm_up(ep)
-            except Exception as exc:
-                log.warning("warm-up of API %r failed (%s: %s); serving without it", ep.name, type(exc).__name__, exc)
+            plan = self.warmups.get(ep.name)
+            if plan is not None:
+                await plan.run(self.spec, ep, self.pool)
+            elif ep.batcher is not None:
+                log.info("API %r is not warmed up (no warmup=...): its batcher learns its latency from the first "
+                         "batches", ep.name)
+        for ep in self.endpoints:
             if ep.batcher is not None:
                 ep.batcher.start()
 
-    async def _warm_up(self, ep: APIEndpoint) -> None:
-        if ep.batcher is not None:
-            example = ep.codec.example(1, ep.config.input_batch_dim)
-            if example is not None:
-                await ep.batcher.warm_up(example[ep.config.params[0]])
-            return
-        example = ep.codec.example(1)
-        if example is None or ep.is_gen or ep.is_async_gen:
-            return
+    def blocked(self) -> str | None:
+        """Why an instance cannot run sync calls now (every request thread runs a call its request abandoned),
+        or None."""
         for inst in self.pool.instances:
-            method = getattr(inst.obj, ep.attr)
-            await (method(**example) if ep.is_async else inst.runner.submit(method, **example))
+            calls = inst.runner.abandoned()
+            if calls and len(calls) >= inst.runner.threads:
+                apis = ", ".join(sorted({repr(self.api_names.get(c.name, c.name)) for c in calls}))
+                oldest = max(c.seconds for c in calls)
+                return (
+                    f"all {inst.runner.threads} request threads of instance {inst.index} run calls abandoned past "
+                    f"their deadline (API {apis}, the oldest for {oldest:.0f} s); sync APIs wait until one returns"
+                )
+        return None
+
+    async def watch_threads(self) -> None:
+        """Log each call that runs on after its request gave up, and each instance all of whose request threads
+        such calls hold (a worker then also tells its siblings it is not ready)."""
+        seen: set[int] = set()
+        was_blocked = False
+        while True:
+            await asyncio.sleep(ABANDONED_CHECK_S)
+            now_seen: set[int] = set()
+            for inst in self.pool.instances:
+                for call in inst.runner.abandoned():
+                    now_seen.add(call.id)
+                    if call.id not in seen:
+                        log.warning(
+                            "a call of API %r still runs past its deadline, %.1f s after it started, on instance %d; "
+                            "it holds one of the instance's %d request threads until it returns",
+                            self.api_names.get(call.name, call.name), call.seconds, inst.index, inst.runner.threads,
+                        )
+            if seen - now_seen:
+                log.info("%d abandoned call(s) returned; their threads are free again", len(seen - now_seen))
+            seen = now_seen
+            reason = self.blocked()
+            if reason is not None and not was_blocked:
+                log.error("%s: /readyz answers 503 meanwhile", reason)
+            elif reason is None and was_blocked:
+                log.info("request threads are free again: ready")
+            was_blocked = reason is not None
+            if self.ready:
+                self._publish(0 if was_blocked else 1)
 
     def stop_batchers(self) -> None:
         for ep in self.endpoints:
@@ -135,6 +174,7 @@ class ServerState:
 
 
 METRICS_PUBLISH_S = 1.0
+ABANDONED_CHECK_S = 1.0
 
 
 def _freeze_heap() -> None:
@@ -160,6 +200,9 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_st
                                        state.pool.devices, ep.is_async, state.load)
             ep.batcher = Batcher(ep.config, ep.attr, ep.is_async, state.pool, placement,
                                  BatchMetrics(state.metrics, ep.name), state.max_queue, state.tuning.batching)
+        if ep.config.warmup is not False:
+            # an input the API cannot take stops the server here, before it listens
+            state.warmups[ep.name] = WarmupPlan(ep)
     openapi = msgspec.json.encode(openapi_document(spec.name, __version__, [ep.codec.description for ep in endpoints]))
     docs_html = SWAGGER_HTML.format(title=spec.name)
 
@@ -170,6 +213,10 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_st
 
     async def readyz(request: Request) -> Response:
         if state.ready:
+            blocked = state.blocked()
+            if blocked is not None:
+                body = {"ready": False, "state": "blocked", "error": blocked}
+                return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
             missing = state.missing_workers()
             if not missing:
                 return PlainTextResponse("ready")
@@ -177,7 +224,8 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_st
                 {
                     "ready": False,
                     "state": "degraded",
-                    "error": f"worker(s) {', '.join(map(str, missing))} not ready (starting or restarting)",
+                    "error": f"worker(s) {', '.join(map(str, missing))} not ready (starting, restarting, or "
+                    "all request threads held by abandoned calls: see that worker's log)",
                 },
                 status_code=503,
                 headers={"Retry-After": "1"},
@@ -232,10 +280,12 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_st
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state.watchdog.start()
         starting = asyncio.create_task(state.start())
+        watcher = asyncio.create_task(state.watch_threads())
         publisher = asyncio.create_task(publish_forever()) if metrics_dir else None
         yield
         if publisher is not None:
             publisher.cancel()
+        watcher.cancel()
         if not starting.done():
             starting.cancel()
         state.ready = False
@@ -253,6 +303,9 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_st
     app.state.server = state
     state.metrics.in_flight.collect = lambda: {(ep.name,): ep.in_flight for ep in endpoints}
     state.metrics.loop_lag.collect = lambda: {(): state.watchdog.lag}
+    state.metrics.abandoned_calls.collect = lambda: {
+        (str(inst.index),): len(inst.runner.abandoned()) for inst in state.pool.instances
+    }
     state.metrics.queue_depth.collect = lambda: {
         (ep.name,): ep.batcher.queued_requests for ep in endpoints if ep.batcher is not None
     }

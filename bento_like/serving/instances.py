@@ -13,6 +13,8 @@ import logging
 import queue
 import sys
 import threading
+from dataclasses import dataclass
+from time import monotonic
 from typing import Any, Callable
 
 from ..sdk.service import ServiceSpec, get_spec
@@ -24,6 +26,21 @@ log = logging.getLogger("bento_like.serving")
 
 
 _STOP = object()
+
+
+@dataclass(frozen=True)
+class AbandonedCall:
+    """A call still running on a thread after the request that made it stopped waiting for it."""
+
+    id: int  # the same while it runs
+    name: str  # the function's name (an API's method name)
+    seconds: float  # since it started
+
+
+def _call_name(fn: Callable[..., Any], args: tuple[Any, ...]) -> str:
+    # The runtime's wrappers (timing a call, a generator's next) pass the user's callable first.
+    target = args[0] if args and hasattr(args[0], "__qualname__") else fn
+    return getattr(target, "__name__", type(target).__name__)
 
 
 def native_thread_name(name: str) -> str:
@@ -70,12 +87,16 @@ class ThreadRunner:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._workers: list[threading.Thread] = []
         self._idle: list[int] = []  # threads waiting for a job (list append/remove are atomic under the GIL)
+        # what each thread runs now: (future, fn, args, start time); each thread writes only its own slot
+        self._running: list[tuple[asyncio.Future[Any], Callable[..., Any], tuple[Any, ...], float] | None] = (
+            [None] * threads
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         for i in range(self.threads):
-            t = threading.Thread(target=self._work, name=f"{self.name}-{i}", daemon=True)
+            t = threading.Thread(target=self._work, args=(i,), name=f"{self.name}-{i}", daemon=True)
             t.start()
             self._workers.append(t)
 
@@ -89,11 +110,22 @@ class ThreadRunner:
         self._queue.put((fut, fn, args, kwargs))
         return fut
 
-    def _work(self) -> None:
+    def abandoned(self) -> list[AbandonedCall]:
+        """The calls running now whose future was cancelled (their deadline passed, their client went away):
+        Python cannot stop a thread, so each holds its thread until it returns."""
+        now = monotonic()
+        return [
+            AbandonedCall(id(job[0]), _call_name(job[1], job[2]), now - job[3])
+            for job in list(self._running)
+            if job is not None and job[0].done()
+        ]
+
+    def _work(self, index: int) -> None:
         name_native_thread(threading.current_thread().name)
         if self.initializer is not None:
             self.initializer()
         get, get_nowait, drain, idle = self._queue.get, self._queue.get_nowait, self.drain, self._idle
+        running = self._running
         me = threading.get_ident()
         while True:
             idle.append(me)
@@ -115,10 +147,12 @@ class ThreadRunner:
                 fut, fn, args, kwargs = job
                 if fut.cancelled():  # its deadline passed while it waited
                     continue
+                running[index] = (fut, fn, args, monotonic())
                 try:
                     done.append((fut, True, fn(*args, **kwargs)))
                 except BaseException as exc:  # noqa: BLE001 - delivered to the awaiting request
                     done.append((fut, False, exc))
+                running[index] = None
             if done:
                 assert self._loop is not None
                 try:

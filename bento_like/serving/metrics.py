@@ -134,6 +134,14 @@ class Registry:
                 "and to be answered, while the loop is busy",
             )
         )
+        self.abandoned_calls = self.add(
+            Gauge(
+                "bento_like_abandoned_calls",
+                "Sync calls still running on an instance's request threads after their request gave up (deadline "
+                "passed or client gone), by instance: each holds a thread until it returns",
+                ("instance",),
+            )
+        )
         self.batch_size = self.add(
             Histogram("bento_like_batch_size", "Items per executed batch, by API", ("api",), BATCH_BUCKETS)
         )

@@ -55,10 +55,12 @@ class Batcher:
 
     async def warm_up(self, example: Any, rounds: int = 3) -> None:
         """Run every instance once, then teach the latency model each anchor size (1, 2, 4 ... max_batch_size
-        and the preferred sizes), the best of ``rounds`` runs: the first runs of a size pay for allocations."""
+        and the preferred sizes), the best of ``rounds`` runs: the first runs of a size pay for allocations.
+        ``example`` is the API's input; its first item makes every batch."""
         runner = self.runner
+        example = runner.slice(example, 0, 1)
         for instance in self.pool.instances:
-            await runner.call(instance, runner.slice(example, 0, 1))
+            await runner.call(instance, example)
         instance = self.pool.instances[0]
         sizes = anchor_sizes(self.config.max_batch_size, self.config.preferred_batch_sizes)
         for size in sizes:

@@ -25,7 +25,8 @@ class Batched:
         self.running = 0  # batches of double running now
         self.overlaps = 0  # times a batch started while another ran on this instance
 
-    @bl.api(batchable=True, max_batch_size=8, max_latency_ms=float(os.environ.get("MAX_LATENCY_MS", "1000")))
+    @bl.api(batchable=True, max_batch_size=8, max_latency_ms=float(os.environ.get("MAX_LATENCY_MS", "1000")),
+            warmup=True)
     def double(self, x: ROW) -> np.ndarray:
         """Doubles each row; a row holding -1 makes the whole batch fail (a poisoned input)."""
         self.running += 1
@@ -40,7 +41,7 @@ class Batched:
             raise ValueError("poisoned row")
         return x * 2
 
-    @bl.api
+    @bl.api(warmup=True)
     def double_direct(self, x: ROW) -> np.ndarray:
         time.sleep(DELAY)
         self.direct.append((float(x[0, 0]), threading.current_thread().name))
@@ -73,13 +74,13 @@ class TwoBatched:
     def __init__(self) -> None:
         self.order: list[tuple[str, list[float]]] = []  # every batch that ran: the API, its rows' first values
 
-    @bl.api(batchable=True, max_batch_size=8, max_latency_ms=1000)
+    @bl.api(batchable=True, max_batch_size=8, max_latency_ms=1000, warmup=True)
     def double(self, x: ROW) -> np.ndarray:
         time.sleep(DELAY)
         self.order.append(("double", x[:, 0].tolist()))
         return x * 2
 
-    @bl.api(batchable=True, max_batch_size=8, max_latency_ms=1000)
+    @bl.api(batchable=True, max_batch_size=8, max_latency_ms=1000, warmup=True)
     def negate(self, x: ROW) -> np.ndarray:
         time.sleep(DELAY)
         self.order.append(("negate", x[:, 0].tolist()))

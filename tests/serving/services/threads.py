@@ -26,7 +26,7 @@ class Threads:
         time.sleep(ms / 1000)
         return "done"
 
-    @bl.api(batchable=True, max_batch_size=8, max_latency_ms=200)
+    @bl.api(batchable=True, max_batch_size=8, max_latency_ms=200, warmup=True)
     def where_batched(self, x: Annotated[np.ndarray, bl.Shape(-1, 1), bl.DType("float32")]) -> list:
         """Sleeps the largest x in ms; a negative x fails the batch."""
         if float(x.min()) < 0:
@@ -35,7 +35,7 @@ class Threads:
             time.sleep(float(x.max()) / 1000)
         return [threading.current_thread().name] * len(x)
 
-    @bl.api(batchable=True, max_batch_size=8, max_latency_ms=200)
+    @bl.api(batchable=True, max_batch_size=8, max_latency_ms=200, warmup=True)
     async def tripled(self, x: Annotated[np.ndarray, bl.Shape(-1, 1), bl.DType("float32")]) -> np.ndarray:
         await asyncio.sleep(0.002)
         return x * 3
