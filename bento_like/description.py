@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import msgspec
+import msgspec.inspect
 import numpy as np
 
 from .sdk.api import APIConfig, ServiceDefinitionError
@@ -39,6 +40,12 @@ class Parameter:
     def field_type(self) -> Any:
         """The type the input Struct decodes it as: an array as np.ndarray, checked against ``array`` after."""
         return np.ndarray if self.array is not None else self.annotation
+
+    @property
+    def json_in_form(self) -> bool:
+        """Whether a multipart form carries this input as JSON text: arrays, Structs, dicts, lists and the like,
+        which a form field's plain text cannot hold. Text, numbers and booleans travel as their own text."""
+        return self.array is not None or (self.kind == "json" and _is_container(self.annotation))
 
 
 @dataclass(frozen=True)
@@ -131,6 +138,28 @@ def describe_api(func: Callable[..., Any], config: APIConfig) -> APIDescription:
     )
 
 
+_CONTAINER_TYPES = (
+    msgspec.inspect.StructType, msgspec.inspect.DataclassType, msgspec.inspect.TypedDictType,
+    msgspec.inspect.NamedTupleType, msgspec.inspect.DictType, msgspec.inspect.ListType, msgspec.inspect.TupleType,
+    msgspec.inspect.VarTupleType, msgspec.inspect.SetType, msgspec.inspect.FrozenSetType,
+)
+_TEXT_TYPES = (msgspec.inspect.StrType, msgspec.inspect.LiteralType, msgspec.inspect.EnumType, msgspec.inspect.AnyType)
+
+
+def _is_container(annotation: Any) -> bool:
+    """A type whose values are JSON objects or arrays, and never text (a union with ``str`` may be either)."""
+    try:
+        info = msgspec.inspect.type_info(annotation)
+    except (TypeError, ValueError):
+        return False
+    if isinstance(info, msgspec.inspect.Metadata):
+        info = info.type
+    members = info.types if isinstance(info, msgspec.inspect.UnionType) else (info,)
+    members = tuple(m.type if isinstance(m, msgspec.inspect.Metadata) else m for m in members)
+    containers = any(isinstance(m, _CONTAINER_TYPES) for m in members)
+    return containers and not any(isinstance(m, _TEXT_TYPES) for m in members)
+
+
 def _kind(annotation: Any, spec: ArraySpec | None) -> str:
     if spec is not None:
         return "ndarray"
@@ -213,6 +242,9 @@ def openapi_document(service_name: str, version: str, descriptions: list[APIDesc
         content: dict[str, Any] = {"application/json": {"schema": input_schema}}
         if d.params:
             content["multipart/form-data"] = {"schema": input_schema}
+            as_json = {p.name: {"contentType": "application/json"} for p in d.params if p.json_in_form}
+            if as_json:
+                content["multipart/form-data"]["encoding"] = as_json
         if d.raw_input is not None:
             content["application/octet-stream"] = {"schema": {"type": "string", "format": "binary"}}
         operation: dict[str, Any] = {"operationId": d.name}

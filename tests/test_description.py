@@ -92,6 +92,27 @@ def test_the_openapi_extension_is_the_description() -> None:
     assert "application/octet-stream" in doc["paths"]["/upload"]["post"]["requestBody"]["content"]
 
 
+def test_a_form_carries_arrays_and_containers_as_json_text_and_the_document_says_so() -> None:
+    @bl.service
+    class Forms:
+        @bl.api
+        def f(
+            self, file: bl.File, item: Item, x: np.ndarray, tags: list[str], maybe: Item | None, n: int, s: str,
+            either: str | list[str], flag: bool = False, size: int | None = None,
+        ) -> dict:
+            return {}
+
+    (f,) = describe(get_spec(Forms))
+    assert {p.name for p in f.params if p.json_in_form} == {"item", "x", "tags", "maybe"}
+    form = openapi_document("forms", __version__, [f])["paths"]["/f"]["post"]["requestBody"]["content"][
+        "multipart/form-data"
+    ]
+    assert form["encoding"] == {name: {"contentType": "application/json"} for name in ("item", "x", "tags", "maybe")}
+    tag = openapi_document("described", __version__, describe(get_spec(Described)))["paths"]["/v1/tag"]["post"]
+    tag_form = tag["requestBody"]["content"]["multipart/form-data"]
+    assert tag_form["encoding"] == {"item": {"contentType": "application/json"}}
+
+
 def test_an_api_that_cannot_be_served_fails_when_described() -> None:
     @bl.service
     class Odd:

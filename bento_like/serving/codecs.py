@@ -9,6 +9,7 @@ JSON.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import itertools
 import math
 import struct
@@ -34,8 +35,11 @@ SSE = "text/event-stream"
 
 def _dec_hook(tp: Any, obj: Any) -> Any:
     if tp is np.ndarray:
-        if isinstance(obj, str):
-            obj = msgspec.json.decode(obj)
+        if isinstance(obj, str):  # an array as JSON text, as a form field carries it
+            try:
+                obj = msgspec.json.decode(obj)
+            except (msgspec.DecodeError, RecursionError):
+                raise ValueError("expected an array, got text that is not a JSON array") from None
         arr = np.asarray(obj)
         if arr.dtype.kind in "OUS":
             raise ValueError(f"expected an array of numbers, got {arr.dtype.kind == 'O' and 'a ragged or mixed list' or 'strings'}")
@@ -105,21 +109,13 @@ class InputCodec:
         # A single bytes/File input may arrive as the raw body.
         self.raw_param = description.raw_input
 
-    def example(self, items: int, batch_dim: int = 0) -> dict[str, Any] | None:
-        """Zero-filled arguments for warm-up, when every input is an array of declared shape (else None)."""
-        kwargs: dict[str, Any] = {}
-        for p in self.params:
-            if p.array is None or p.array.shape is None:
-                if p.required:
-                    return None
-                continue
-            shape = [1 if d == -1 else d for d in p.array.shape]
-            if self.description.config.batchable and batch_dim < len(shape):
-                shape[batch_dim] = items
-            kwargs[p.name] = np.zeros(shape, dtype=p.array.dtype or "float32")
-        return kwargs
-
     def decode_json(self, body: bytes) -> dict[str, Any]:
+        try:
+            return self._decode_json(body)
+        except RecursionError:  # msgspec parses nested values by recursion, under Python's recursion limit
+            raise bad_request(TOO_DEEP) from None
+
+    def _decode_json(self, body: bytes) -> dict[str, Any]:
         if not body.strip():
             if any(p.required for p in self.params):
                 raise HTTPError(
@@ -220,13 +216,18 @@ class InputCodec:
         return {self.raw_param.name: value}
 
     def decode_form(self, form: dict[str, Any]) -> dict[str, Any]:
-        for p in self.params:  # msgspec converts to bytes natively, never through the dec_hook
-            if p.kind == "bytes" and isinstance(form.get(p.name), File):
-                form[p.name] = form[p.name].data
+        for p in self.params:
+            value = form.get(p.name)
+            if p.kind == "bytes" and isinstance(value, File):  # msgspec converts to bytes natively, not by the hook
+                form[p.name] = value.data
+            elif p.json_in_form and isinstance(value, (str, File)):  # a field or a file part holding JSON text
+                form[p.name] = _form_json(p.name, value.data if isinstance(value, File) else value)
         try:
             value = msgspec.convert(form, self.struct, strict=False, dec_hook=_dec_hook)
         except msgspec.ValidationError as exc:
             raise validation_error(str(exc)) from None
+        except RecursionError:
+            raise bad_request(TOO_DEEP) from None
         return self._finish(value)
 
     def _finish(self, value: Any) -> dict[str, Any]:
@@ -234,6 +235,19 @@ class InputCodec:
         for p in self._arrays:
             kwargs[p.name] = _check_array(p, kwargs[p.name])
         return kwargs
+
+
+TOO_DEEP = "malformed JSON: arrays and objects are nested too deeply"
+
+
+def _form_json(name: str, text: str | bytes) -> Any:
+    try:
+        return msgspec.json.decode(text)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        problem = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise HTTPError(
+            400, f"form field {name!r} must be JSON text: {problem} (at $.{name})", field=f"$.{name}"
+        ) from None
 
 
 def _check_array(p: Parameter, arr: Any) -> Any:
@@ -356,6 +370,13 @@ def _describe(params: tuple[Parameter, ...]) -> str:
     return "fields " + ", ".join(f"{p.name!r}" + ("" if p.required else " (optional)") for p in params)
 
 
+class NonFiniteResult(ValueError):
+    """A result holds a float that JSON has no number for (inf, -inf or NaN): refused rather than sent as null."""
+
+    def __init__(self, value: float, path: str) -> None:
+        super().__init__(f"{value} at {path}, which JSON cannot carry (it has no inf or NaN)")
+
+
 def encode_result(value: Any) -> tuple[bytes, str]:
     """Body and media type for an API's return value."""
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -364,15 +385,55 @@ def encode_result(value: Any) -> tuple[bytes, str]:
         return value.data, value.content_type or OCTET
     if isinstance(value, str):
         return value.encode(), "text/plain; charset=utf-8"
+    return encode_json(value), JSON
+
+
+def encode_json(value: Any) -> bytes:
+    """A value as JSON; NonFiniteResult where it holds inf or NaN, which msgspec would write as null."""
     try:
-        return json_encoder.encode(value), JSON
+        body = json_encoder.encode(value)
     except (TypeError, NotImplementedError) as exc:
         raise TypeError(f"the API returned a value that cannot be sent as JSON: {exc}") from exc
+    if b"null" in body:  # msgspec writes inf and NaN as null: only then is the (slower) walk worth doing
+        found = _non_finite(value)
+        if found is not None:
+            raise NonFiniteResult(*found)
+    return body
+
+
+def _non_finite(value: Any) -> tuple[float, str] | None:
+    """The first float in ``value`` that is not finite, and its path (``$.scores[2]``); None if there is none."""
+    stack: list[tuple[str, Any]] = [("$", value)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, (float, np.floating)):
+            if not math.isfinite(v):
+                return float(v), path
+        elif isinstance(v, np.ndarray):
+            if v.dtype.kind == "f":
+                bad = np.argwhere(~np.isfinite(v))
+                if len(bad):
+                    index = tuple(bad[0])
+                    return float(v[index]), path + "".join(f"[{i}]" for i in index)
+            elif v.dtype.kind == "O":
+                stack.extend((f"{path}[{i}]", item) for i, item in reversed(list(enumerate(v.reshape(-1)))))
+        elif isinstance(v, dict):
+            stack.extend((_member(path, k), item) for k, item in reversed(list(v.items())))
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            stack.extend((f"{path}[{i}]", item) for i, item in reversed(list(enumerate(v))))
+        elif isinstance(v, msgspec.Struct) or dataclasses.is_dataclass(v):
+            names = v.__struct_fields__ if isinstance(v, msgspec.Struct) else [f.name for f in dataclasses.fields(v)]
+            stack.extend((_member(path, n), getattr(v, n)) for n in reversed(names))
+    return None
+
+
+def _member(path: str, key: Any) -> str:
+    return f"{path}.{key}" if isinstance(key, str) and key.isidentifier() else f"{path}[{key!r}]"
 
 
 def sse_event(value: Any) -> bytes:
     """One server-sent event holding the item as JSON (strings too, so "42" and 42 stay apart)."""
-    return b"data: " + json_encoder.encode(value) + b"\n\n"
+    return b"data: " + encode_json(value) + b"\n\n"
 
 
 def media_type(content_type: str | None) -> str:

@@ -24,6 +24,7 @@ from .codecs import (
     OCTET,
     SSE,
     InputCodec,
+    NonFiniteResult,
     encode_result,
     media_type,
     sse_event,
@@ -220,7 +221,10 @@ class APIEndpoint:
         if isinstance(result, _RESPONSE_TYPES):
             await result(scope, receive, send)
             return result.status_code
-        body, ctype = encode_result(result)
+        try:
+            body, ctype = encode_result(result)
+        except NonFiniteResult as exc:
+            raise self._unsendable(exc) from None
         await send(
             {
                 "type": "http.response.start",
@@ -230,6 +234,12 @@ class APIEndpoint:
         )
         await send({"type": "http.response.body", "body": body})
         return 200
+
+    def _unsendable(self, exc: NonFiniteResult) -> HTTPError:
+        """The error for a result JSON cannot carry: the API's own doing, so a 500, logged in one line."""
+        message = f"API {self.name!r} returned {exc}"
+        log.warning("%s", message)
+        return HTTPError(500, message)
 
     async def _stream(self, send: Send, instance: Any, method: Callable[..., Any], kwargs: dict[str, Any]) -> int:
         if self.is_async_gen:
@@ -257,6 +267,10 @@ class APIEndpoint:
                 if not self.is_async_gen and item is sentinel:
                     break
                 await send({"type": "http.response.body", "body": sse_event(item), "more_body": True})
+        except NonFiniteResult as exc:
+            error = self._unsendable(exc)
+            event = b"event: error\n" + sse_event({"error": error.message})
+            await send({"type": "http.response.body", "body": event, "more_body": True})
         except Exception:
             error_id = uuid.uuid4().hex[:12]
             log.exception("error %s in streaming API %r", error_id, self.name)

@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 from .. import __version__
 from ..description import APIDescription
 from ..sdk.io import ArraySpec
+from .codecs import TOO_DEEP
 from .errors import HTTPError
 
 if TYPE_CHECKING:
@@ -204,7 +205,10 @@ class Model:
             raise HTTPError(400, f"input tensor {name!r}: shape {given.shape} needs {count} elements, data has {flat.size}")
         if spec.kind != "ndarray":
             return _one_element(spec, given, flat), size
-        array = flat.reshape(given.shape)
+        try:
+            array = flat.reshape(given.shape)
+        except (ValueError, OverflowError):  # a dimension past int64, its bytes past memory, over 64 dimensions
+            raise HTTPError(400, f"input tensor {name!r}: shape {given.shape} is too large for an array") from None
         if spec.shape is not None and not _fits(array.shape, spec.shape):
             raise HTTPError(400, f"input tensor {name!r}: shape {given.shape} does not match the model's {list(spec.shape)}")
         return array, size
@@ -297,7 +301,8 @@ def v2_routes(state: ServerState, endpoints: list[APIEndpoint]) -> list[Route]:
     models = {ep.name: model for ep in endpoints if (model := model_of(ep)) is not None}
 
     def ready() -> bool:
-        return bool(state.ready) and not state.missing_workers()
+        # The same truth as /readyz: instances built, no instance held by abandoned calls, every worker up.
+        return bool(state.ready) and state.blocked() is None and not state.missing_workers()
 
     async def server_metadata(request: Request) -> Response:
         return JSONResponse({"name": state.spec.name, "version": __version__, "extensions": ["binary_tensor_data"]})
@@ -409,6 +414,8 @@ def _split_body(body: bytes, scope: Scope) -> tuple[InferRequest, memoryview]:
     view = memoryview(body)
     try:
         request = _decode_request.decode(view[:length])
+    except RecursionError:
+        raise HTTPError(400, f"{TOO_DEEP} in the inference request") from None
     except msgspec.ValidationError as exc:
         raise HTTPError(400, f"invalid inference request: {exc}") from None
     except msgspec.DecodeError as exc:
@@ -454,11 +461,15 @@ def _from_json(data: Any, dtype: np.dtype, given: _TensorIn) -> np.ndarray:
 
 
 def _flatten(data: Any) -> list[Any]:
-    if not isinstance(data, list):
-        return [data]
+    """The leaves of nested lists in order; without recursion, which JSON nested deeply enough would exhaust."""
     out: list[Any] = []
-    for item in data:
-        out.extend(_flatten(item))
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        else:
+            out.append(item)
     return out
 
 
@@ -509,7 +520,14 @@ def _to_binary(array: np.ndarray, datatype: str) -> bytes:
 
 def _to_json(array: np.ndarray, datatype: str, name: str) -> list[Any]:
     if datatype != "BYTES":
-        return array.reshape(-1).tolist()
+        flat = array.reshape(-1)
+        if flat.dtype.kind == "f" and not np.isfinite(flat).all():
+            index = int(np.argmin(np.isfinite(flat)))
+            raise HTTPError(
+                400, f"output {name!r} holds {flat[index]} at flat index {index}, which JSON cannot carry (it has no "
+                     "inf or NaN); request it with parameters.binary_data: true"
+            )
+        return flat.tolist()
     try:
         return [b.decode() for b in map(_as_bytes, array.reshape(-1))]
     except UnicodeDecodeError:

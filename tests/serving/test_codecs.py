@@ -1,17 +1,22 @@
 """Request decoding: the fast paths for float arrays of declared rank give exactly what the general path gives.
 
-Two fast paths: simdjson when every input of the API is such an array, typed msgspec lists otherwise. The served
-behaviour (status codes, messages over HTTP) is tested in test_app.py and test_v2.py; this checks the decoders
-against each other on the same bodies, values and errors alike.
+Two fast paths: simdjson when every input of the API is such an array, typed msgspec lists otherwise. This checks
+the decoders against each other on the same bodies, values and errors alike; then, over HTTP to a real server,
+bodies nested too deeply, JSON text in form fields, and results JSON cannot carry. The rest of the served
+behaviour (status codes, messages) is tested in test_app.py and test_v2.py.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+import os
+from pathlib import Path
+from typing import Annotated, Any, Iterator
 
+import httpx
 import numpy as np
 import pytest
+from live_server import Server
 
 import bento_like as bl
 from bento_like.description import describe_api
@@ -191,3 +196,124 @@ def test_other_fields_decode_the_same_way_on_the_fast_path() -> None:
     assert results == [outcome(general, c, body) for body in bodies]
     assert [r["scale"] for r in results[:2]] == [2, 1.0]
     assert all(r[0] in (400, 422) for r in results[2:])
+
+
+# --- over HTTP: what a real server answers to bodies it cannot read, forms, and results JSON cannot carry ---------
+
+SERVICES = Path(__file__).parent / "services"
+
+
+@pytest.fixture(scope="module")
+def every_input(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = Server("every_input.py:EveryInput", SERVICES, [], {**os.environ, "PYTHONUNBUFFERED": "1"},
+                 tmp_path_factory.mktemp("every_input") / "server.log")
+    srv.wait_ready()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def non_finite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = Server("every_input.py:NonFinite", SERVICES, [], {**os.environ, "PYTHONUNBUFFERED": "1"},
+                 tmp_path_factory.mktemp("non_finite") / "server.log")
+    srv.wait_ready()
+    yield srv
+    srv.stop()
+
+
+def deep(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize(
+    ("api", "body"),
+    [
+        ("scalars", '{"i": %s, "f": 1, "s": "", "b": true}' % deep(1000)),  # an int field: a type error first
+        ("rows", '{"x": %s}' % deep(5000)),  # the simdjson path
+        ("any_array", '{"x": %s}' % deep(1000)),
+        ("anything", '{"value": %s}' % deep(1000)),
+        ("struct", '{"item": {"text": "a"}, "count": 1, "extra": %s}' % deep(1000)),
+        ("mapping", "[" * 1000),  # deep and truncated
+    ],
+    ids=["int", "simdjson", "array", "any", "unknown-field", "truncated"],
+)
+def test_json_nested_too_deep_is_a_400_without_a_traceback(every_input: Server, api: str, body: str) -> None:
+    before = every_input.log().count("Traceback")
+    r = httpx.post(f"{every_input.url}/{api}", content=body, headers={"content-type": "application/json"}, timeout=10)
+    assert r.status_code == 400, r.text
+    assert "nested too deeply" in r.json()["error"]
+    assert every_input.log().count("Traceback") == before
+
+
+@pytest.mark.parametrize(
+    ("api", "fields", "field"),
+    [
+        ("rows", {"x": "not json"}, "$.x"),
+        ("rows", {"x": deep(1000)}, "$.x"),
+        ("struct", {"item": "{'text': 'a'}"}, "$.item"),
+        ("mapping", {"d": '{"a": 1'}, "$.d"),
+    ],
+    ids=["array", "array-deep", "struct", "dict"],
+)
+def test_a_form_field_that_must_be_json_and_is_not_is_a_400_naming_it(
+    every_input: Server, api: str, fields: dict, field: str
+) -> None:
+    before = every_input.log().count("Traceback")
+    r = httpx.post(f"{every_input.url}/{api}", files={k: (None, v) for k, v in fields.items()}, timeout=10)
+    assert r.status_code == 400, r.text
+    assert r.json()["field"] == field and "JSON" in r.json()["error"] and field[2:] in r.json()["error"]
+    assert every_input.log().count("Traceback") == before
+
+
+def test_struct_dict_list_and_array_inputs_travel_in_a_form_as_json_text(every_input: Server) -> None:
+    url = every_input.url
+
+    def form(api: str, **fields: Any) -> httpx.Response:
+        parts = {k: v if isinstance(v, tuple) else (None, v) for k, v in fields.items()}
+        return httpx.post(f"{url}/{api}", files=parts, timeout=10)
+
+    r = form("struct", item='{"text": "a"}', count="2")
+    assert r.status_code == 200, r.text
+    assert r.json() == {"item": {"text": "a", "lang": "en", "score": 0.0}, "count": 2}
+    r = form("nested", order='{"item": {"text": "b", "lang": "fr"}, "tags": ["x"]}')
+    assert r.json() == {"item": {"text": "b", "lang": "fr", "score": 0.0}, "tags": ["x"]}, r.text
+    assert form("mapping", d='{"a": 1.5}').json() == {"a": 1.5}
+    assert form("listing", xs="[1, 2, 3]", names='["p"]').json() == {"count": 3, "names": ["p"]}
+    assert form("rows", x="[[1, 2, 3]]").json() == [[1.0, 2.0, 3.0]]
+    # A JSON file part for a JSON input is read like a field; a file travels beside the others.
+    r = form("mixed", file=("a.bin", b"\x00\x01", "application/octet-stream"),
+             item=("item.json", b'{"text": "c"}', "application/json"), x="[1, 2]", flag="true", d='{"k": 3}')
+    assert r.status_code == 200, r.text
+    assert r.json() == {"size": 2, "item": {"text": "c", "lang": "en", "score": 0.0}, "x": [1, 2], "flag": True,
+                        "d": {"k": 3}}
+    # Text inputs stay text: a str field that looks like JSON is not parsed.
+    r = form("scalars", i="1", f="2.5", s='{"a": 1}', b="false")
+    assert r.json() == {"i": 1, "f": 2.5, "s": '{"a": 1}', "b": False}
+    assert form("optional", n="7").json() == {"n": 7, "word": "", "on": False}
+    # Well-formed JSON of the wrong shape is a 422 naming the path inside the field.
+    r = form("struct", item='{"text": 1}')
+    assert r.status_code == 422 and r.json()["field"] == "$.item.text", r.text
+
+
+@pytest.mark.parametrize(
+    ("api", "body", "where"),
+    [
+        ("ratio", {"a": 1, "b": 0}, "$.ratio"),
+        ("ratio", {"a": 0, "b": 0}, "$.ratio"),
+        ("scaled", {"x": [[1, 2, 3], [1, -3e38, 2]], "k": 10}, "$[1][1]"),
+        ("values", {"x": [1, 2, -1e10]}, "$[2]"),
+    ],
+)
+def test_a_result_json_cannot_carry_is_an_error_naming_where_it_is(non_finite: Server, api: str, body: dict,
+                                                                    where: str) -> None:
+    r = httpx.post(f"{non_finite.url}/{api}", json=body, timeout=10)
+    assert r.status_code == 500, r.text
+    error = r.json()["error"]
+    assert f"API {api!r}" in error and where in error and ("inf" in error or "nan" in error), error
+    assert "Traceback" not in non_finite.log()
+    assert httpx.post(f"{non_finite.url}/ratio", json={"a": 1, "b": 4}, timeout=10).json() == {"ratio": 0.25}
+
+
+def test_a_streamed_item_json_cannot_carry_ends_the_stream_with_an_error_event(non_finite: Server) -> None:
+    r = httpx.post(f"{non_finite.url}/stream", json={"x": [1, 1e10]}, timeout=10)
+    assert r.text.startswith("data: 1e300\n\n") and "event: error" in r.text and "inf" in r.text, r.text

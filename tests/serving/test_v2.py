@@ -217,6 +217,53 @@ def test_binary_data_that_does_not_fit_its_shape_is_400(http: httpx.Client) -> N
     assert r.status_code == 400 and "4 bytes of binary data follow the JSON but no input claims them" in r.json()["error"]
 
 
+@pytest.mark.parametrize(
+    "model, inputs, words",
+    [
+        ("slow", [{"name": "x", "shape": [0, 2**62], "datatype": "FP32", "data": []}],
+         "input tensor 'x': shape [0, 4611686018427387904] is too large for an array"),
+        ("slow", [{"name": "x", "shape": [0, 2**64 - 1], "datatype": "FP32", "data": []}],
+         "input tensor 'x': shape [0, 18446744073709551615] is too large for an array"),
+        ("slow", [{"name": "x", "shape": [1] * 65, "datatype": "FP32", "data": [1]}],
+         "input tensor 'x': shape [1, 1, 1, 1"),
+    ],
+    ids=["zero-by-huge", "beyond-int64", "65-dimensions"],
+)
+def test_shapes_no_array_can_have_are_400_without_a_traceback(
+    server: Server, http: httpx.Client, model: str, inputs: list, words: str
+) -> None:
+    before = server.log().count("Traceback")
+    r = infer(http, model, inputs)
+    assert r.status_code == 400, r.text
+    assert words in r.json()["error"]
+    assert server.log().count("Traceback") == before
+
+
+def test_data_nested_too_deeply_is_400_without_a_traceback(server: Server, http: httpx.Client) -> None:
+    before = server.log().count("Traceback")
+    for depth in (950, 5000):
+        for datatype, model in (("FP32", "slow"), ("BYTES", "shout")):
+            data = "[" * depth + ('"a"' if datatype == "BYTES" else "1") + "]" * depth
+            body = '{"inputs": [{"name": "%s", "shape": [1], "datatype": "%s", "data": %s}]}' % (
+                "text" if model == "shout" else "x", datatype, data)
+            r = http.post(f"/v2/models/{model}/infer", content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 400, (depth, datatype, r.text)
+    assert server.log().count("Traceback") == before
+
+
+def test_an_output_json_cannot_carry_is_an_error_naming_it_and_travels_as_binary_data(http: httpx.Client) -> None:
+    x = {"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1e38, 1, 2]}
+    k = {"name": "k", "shape": [1], "datatype": "FP32", "data": [1e10]}
+    r = infer(http, "scale", [x, k])
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert "output 'output'" in error and "inf" in error and "binary_data" in error, error
+    r = infer(http, "scale", [x, k], outputs=[{"name": "output", "parameters": {"binary_data": True}}])
+    assert r.status_code == 200, r.text
+    _, raw = split_binary_response(r)
+    assert np.frombuffer(raw["output"], dtype="<f4").tolist() == [float("inf"), 1e10, 2e10]
+
+
 def test_bad_requests(http: httpx.Client) -> None:
     assert infer(http, "nope", []).status_code == 404
     r = http.post("/v2/models/slow/infer", content=b"{bad", headers={"content-type": "application/json"})
