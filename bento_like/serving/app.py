@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib.util
 import logging
 import os
 from contextlib import asynccontextmanager
@@ -343,6 +344,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def _swagger_dir() -> str:
-    import swagger_ui_bundle
-
-    return str(swagger_ui_bundle.swagger_ui_path)
+    """swagger-ui-py's static assets, found without importing the package (it imports jinja2 and its handlers)."""
+    spec = importlib.util.find_spec("swagger_ui")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("/docs needs the swagger-ui-py package, a dependency of bento_like: reinstall it")
+    return str(Path(next(iter(spec.submodule_search_locations))) / "static")

@@ -1,4 +1,7 @@
-"""The /docs page: Swagger UI over /openapi.json, served from the swagger-ui-bundle package (no CDN).
+"""The /docs page: Swagger UI 5 over /openapi.json, served from the swagger-ui-py package (no CDN).
+
+Swagger UI 5 is the first to read OpenAPI 3.1, the version of our document; swagger-ui-py ships it in a wheel
+(a build locks wheels only), with light dependencies (jinja2, packaging, PyYAML), and follows its releases.
 
 The document itself is built by bento_like.description, from the same description the codecs decode with.
 """
