@@ -59,6 +59,24 @@ def describe_pass(spec: opt.Pass) -> str:
     return _PASSES[type(spec)].describe_spec(spec)
 
 
+def variant_name(name: str, specs: Sequence[opt.Pass]) -> str:
+    """The name an optimized model is saved under by default: the source's, plus what the passes made of it
+    (`mlp` -> `mlp-onnx-int8`), so that the user's `mlp:latest` keeps meaning the model they saved."""
+    words: list[str] = []
+    for spec in specs:
+        if isinstance(spec, opt.Prune):
+            words.append("pruned")
+        elif isinstance(spec, opt.Export):
+            words.append(spec.format)
+        elif isinstance(spec, opt.Quantize):
+            words.append("auto" if spec.auto else spec.dtype)
+        elif isinstance(spec, opt.Distill):
+            words.append("distilled")
+        elif isinstance(spec, opt.Compile):
+            words.append("trt" if spec.backend == "tensorrt" else "compiled")
+    return "-".join([name, *words])[:64].rstrip("-._")
+
+
 def _pass_document(spec: opt.Pass) -> dict[str, Any]:
     """The declaration as a build config spells it; objects given to distill are shown by name."""
     def named(obj: Any) -> Any:
@@ -194,8 +212,9 @@ def optimize_model(
     save_to: ModelStore | None = None,
     log: Callable[[str], None] | None = print,
 ) -> OptimizeResult:
-    """Optimize the stored model `tag` and save the result as a new version (under `name`, default the same
-    name) when it passes the gate.
+    """Optimize the stored model `tag` and save the result as a new version when it passes the gate: under
+    `name`, by default the source's name plus the variant (`mlp` -> `mlp-onnx-int8`, see variant_name), or the
+    source's own name when saving into another store (`save_to`).
 
     passes: bl.opt declarations, build-config mappings or shorthands ("onnx", "int8", ...), run in order.
     gate: a bl.opt.Gate, a mapping, a number (cosine minimum) or None (cosine mean >= 0.99).
@@ -251,11 +270,13 @@ def optimize_model(
         if not save:
             return OptimizeResult(tag=None, source_tag=source.tag, report=report, model=current)
         target = save_to or store
-        new_tag = _save(target, name or source.name, source, current, report, build)
+        default = source.name if save_to is not None else variant_name(source.name, specs)
+        new_tag = _save(target, name or default, source, current, report, build)
     finally:
         if save:  # without save, the result stays where it is (the cache, or this process's scratch entry)
             pass_cache.clear_scratch()
-    say(f"saved {new_tag}")
+    kept = f"; {source.name}:latest is unchanged" if new_tag.split(":")[0] != source.name and save_to is None else ""
+    say(f"saved {new_tag}{kept}")
     return OptimizeResult(tag=new_tag, source_tag=source.tag, report=report, model=target.get(new_tag))
 
 

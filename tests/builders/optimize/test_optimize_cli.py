@@ -21,8 +21,14 @@ def test_export_and_quantize_save_a_new_version(mlp_tag: str, tmp_path: Path) ->
     result = _run(mlp_tag, "--export", "onnx", "--quantize", "int8", "--gate", "cosine:0.99", "--data", str(tmp_path / "calib.npz"))
     assert result.exit_code == 0, result.output
     assert "quantize(int8, dynamic, per-channel)" in result.output and "items/s" in result.output
-    saved = [m for m in models.list("mlp") if m.tag != mlp_tag]
-    assert len(saved) == 1 and f"saved {saved[0].tag}" in result.output
+    saved = models.list("mlp-onnx-int8")
+    assert len(saved) == 1 and f"saved {saved[0].tag}; mlp:latest is unchanged" in result.output
+    # what the user's tag means did not change: their service keeps loading the model it was written for
+    assert [m.tag for m in models.list("mlp")] == [mlp_tag] and models.get("mlp:latest").info.framework == "torch"
+    again = _run(mlp_tag, "--export", "onnx", "--quantize", "int8", "--gate", "cosine:0.99", "--data", str(tmp_path / "calib.npz"))
+    assert again.exit_code == 0, again.output  # the same command works twice (it used to find an ONNX mlp:latest)
+    named = _run(mlp_tag, "--export", "onnx", "--name", "mlp", "--gate", "cosine:0.99")
+    assert named.exit_code == 0 and models.get("mlp:latest").info.framework == "onnx", named.output
 
 
 def test_gate_failure_exits_3_and_says_by_how_much(mlp_tag: str) -> None:
@@ -36,7 +42,7 @@ def test_json_output_and_auto(mlp_tag: str) -> None:
     result = _run(mlp_tag, "--export", "onnx", "--auto", "--gate", "cosine-min:0.9", "-o", "json")
     assert result.exit_code == 0, result.output
     document = json.loads(result.output)
-    assert document["passed"] and document["tag"].startswith("mlp:")
+    assert document["passed"] and document["tag"].startswith("mlp-onnx-auto:")
     assert document["report"]["gate"]["reduce"] == "min" and len(document["report"]["steps"][-1]["variants"]) >= 4
 
 

@@ -14,7 +14,7 @@ from optimize_testlib import BENCH
 def test_mlp_exports_with_a_dynamic_batch_axis(mlp_tag: str) -> None:
     result = optimize_model(mlp_tag, [opt.export("onnx")], opt.Gate(metric="max_abs", max=1e-4), bench_budget_s=BENCH, log=None)
     saved = models.get(result.tag)
-    assert saved.info.framework == "onnx" and saved.name == "mlp"
+    assert saved.info.framework == "onnx" and saved.name == "mlp-onnx"
     assert saved.info.signatures[0].inputs[0].shape == [-1, 32]
     session = saved.load()
     for batch in (1, 5, 33):

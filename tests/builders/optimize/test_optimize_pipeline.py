@@ -21,7 +21,7 @@ def test_passing_model_is_saved_as_a_new_version_with_lineage(home: Path) -> Non
     lines: list[str] = []
     result = optimize_model(tag, ["onnx", "int8"], opt.Gate(metric="cosine", min=0.99), bench_budget_s=BENCH, log=lines.append)
     saved = models.get(result.tag)
-    assert saved.name == "mlp" and saved.version != models.get(tag).version
+    assert saved.name == "mlp-onnx-int8" and models.get("mlp:latest").tag == tag  # the user's tag still means theirs
     assert saved.info.metadata["acc"] == 0.97 and saved.info.labels == {"team": "a"}
     report = OptimizationReport.from_metadata(saved.info.metadata)
     assert report.source_tag == tag and report.source_digest == models.get(tag).info.digest
@@ -33,7 +33,7 @@ def test_passing_model_is_saved_as_a_new_version_with_lineage(home: Path) -> Non
         m = step.measurement
         assert m.size_bytes > 0 and m.latency_ms_b1 > 0 and m.latency_ms_b32 > 0 and m.items_per_s > 0
     assert lines[0].startswith(f"optimizing {tag} (torch): export(onnx) -> quantize(int8, dynamic, per-channel)")
-    assert lines[-1] == f"saved {result.tag}" and "cosine-mean" in result.table()
+    assert lines[-1] == f"saved {result.tag}; mlp:latest is unchanged" and "cosine-mean" in result.table()
 
 
 def test_failing_gate_stops_and_saves_nothing(mlp_tag: str) -> None:
@@ -45,7 +45,7 @@ def test_failing_gate_stops_and_saves_nothing(mlp_tag: str) -> None:
     assert "< min 0.99 (short by" in message and message.endswith("on 64 inputs; nothing was saved")
     assert caught.value.report.steps[-1].fidelity.passed is False
     assert any("FAIL argmax=" in line for line in lines)  # the table was printed before the error
-    assert [m.tag for m in models.list("mlp")] == [mlp_tag]
+    assert [m.tag for m in models.list()] == [mlp_tag]
 
 
 def test_user_validation_data_and_output_by_name(mlp_tag: str, tmp_path: Path) -> None:
@@ -68,7 +68,7 @@ def test_model_reference_options_drive_the_build(mlp_tag: str) -> None:
 def test_without_save_nothing_is_stored(mlp_tag: str) -> None:
     result = optimize_model(mlp_tag, ["onnx"], save=False, bench_budget_s=BENCH, log=None)
     assert result.tag is None and result.model.info.framework == "onnx"
-    assert [m.tag for m in models.list("mlp")] == [mlp_tag]
+    assert [m.tag for m in models.list()] == [mlp_tag]
 
 
 def test_torch_results_keep_a_signature_and_load_without_their_class(home: Path) -> None:
