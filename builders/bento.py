@@ -7,6 +7,7 @@ unchanged gives the same version and installs nothing new. The build config come
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import json
@@ -85,9 +86,16 @@ class BuildConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 def load_build_config(context: Path, file: Path | None = None) -> BuildConfig:
-    """``file``, else ``context/bentofile.yaml``, else ``[tool.bento_like.build]`` in ``context/pyproject.toml``."""
+    """``file``, else ``context/bentofile.yaml``, else ``[tool.bento_like.build]`` in ``context/pyproject.toml``,
+    else the defaults for the one ``@bl.service`` class defined at the top of ``context`` (see assumed_config)."""
+    return _read_build_config(context, file)[0]
+
+
+def _read_build_config(context: Path, file: Path | None) -> tuple[BuildConfig, bool]:
+    """The config, and whether it was assumed (no file writes one)."""
     if file is None and (context / "bentofile.yaml").is_file():
         file = context / "bentofile.yaml"
+    data = None
     if file is not None:
         try:
             data = yaml.safe_load(file.read_text())
@@ -95,24 +103,70 @@ def load_build_config(context: Path, file: Path | None = None) -> BuildConfig:
             raise BuildConfigError(f"{file}: {exc}") from None
         where = str(file)
     elif (context / "pyproject.toml").is_file():
-        data = tomllib.loads((context / "pyproject.toml").read_text()).get("tool", {}).get("bento_like", {}).get("build")
+        try:
+            data = tomllib.loads((context / "pyproject.toml").read_text()).get("tool", {}).get("bento_like", {}).get("build")
+        except tomllib.TOMLDecodeError as exc:
+            raise BuildConfigError(f"{context / 'pyproject.toml'}: {exc}") from None
         where = f"{context / 'pyproject.toml'} [tool.bento_like.build]"
-        if data is None:
-            raise BuildConfigError(f"{context} has no bentofile.yaml and its pyproject.toml no [tool.bento_like.build]")
-    else:
-        raise BuildConfigError(f"{context} has no bentofile.yaml (or pyproject.toml with [tool.bento_like.build])")
+    if file is None and data is None:
+        return assumed_config(context), True
     if not isinstance(data, dict):
         raise BuildConfigError(f"{where}: expected a mapping of keys such as service, include, python")
     try:
-        return _checked(msgspec.convert(data, BuildConfig), where)
+        return _checked(msgspec.convert(data, BuildConfig), where), False
     except msgspec.ValidationError as exc:
-        message, _, path = str(exc).rpartition(" - at `")
-        key = path.rstrip("`").removeprefix("$").lstrip(".") if path else ""
-        if not message:
-            message = str(exc)
-        if message.startswith("Object contains unknown field"):
-            key = message.split("`")[1] if not key else f"{key}.{message.split('`')[1]}"
-        raise BuildConfigError(f"{where}: {key or 'top level'}: {message}") from None
+        raise BuildConfigError(f"{where}: {_config_problem(str(exc))}") from None
+
+
+def _config_problem(text: str) -> str:
+    """msgspec's message as `key: problem`: `python.packages: Expected `array`, got `str``."""
+    message, sep, path = text.rpartition(" - at `")
+    if not sep:  # at the top level msgspec names no path
+        message, path = text, ""
+    key = path.rstrip("`").removeprefix("$").lstrip(".")
+    for prefix in ("Object contains unknown field", "Object missing required field"):
+        if message.startswith(prefix):
+            field = message.split("`")[1]
+            parent = key.split(".")[0].split("[")[0]
+            key = f"{key}.{field}" if key else field
+            if prefix.endswith("unknown field"):
+                known = {"": BuildConfig, "python": PythonConfig, "models": ModelConfig}.get(parent)
+                message = "unknown key" + (f"; the keys are {', '.join(known.__struct_fields__)}" if known else "")
+            else:
+                message = "required, missing"
+                if field == "service":
+                    message += " (the service class, as file.py:Class or module:Class)"
+    return f"{key or 'top level'}: {message}"
+
+
+def assumed_config(context: Path) -> BuildConfig:
+    """The build config of a folder without one: the defaults, for the one class that a Python file at the
+    folder's top decorates with ``@service`` (read, not imported: only the build imports the service)."""
+    found, unreadable = [], []
+    for path in sorted(context.glob("*.py")):
+        try:
+            tree = ast.parse(path.read_bytes(), filename=str(path))
+        except (SyntaxError, ValueError) as exc:
+            unreadable.append(f"{path.name} ({type(exc).__name__}: {getattr(exc, 'msg', exc)}, line {getattr(exc, 'lineno', '?')})")
+            continue
+        found += [f"{path.name}:{node.name}" for node in tree.body
+                  if isinstance(node, ast.ClassDef) and any(_is_service(d) for d in node.decorator_list)]
+    if len(found) == 1:
+        return BuildConfig(service=found[0])
+    what = (f"{len(found)} @service classes ({', '.join(found)}): say which" if found
+            else "no @service class in a .py file at its top")
+    if unreadable:
+        what += f" (unreadable: {', '.join(unreadable)})"
+    raise BuildConfigError(
+        f"{context} has no bentofile.yaml, no [tool.bento_like.build] in a pyproject.toml, and {what}. "
+        f"Write a bentofile.yaml with `service: FILE.py:CLASS` (docs/build.md)"
+    )
+
+
+def _is_service(decorator: ast.expr) -> bool:
+    target = decorator.func if isinstance(decorator, ast.Call) else decorator
+    return (isinstance(target, ast.Name) and target.id == "service") or (
+        isinstance(target, ast.Attribute) and target.attr == "service")
 
 
 def _checked(cfg: BuildConfig, where: str) -> BuildConfig:
@@ -146,8 +200,13 @@ def build_bento(
     `allow_secrets`; what deserves a look anyway (private file modes, a large src/) is in the result's warnings."""
     started = time.perf_counter()
     context = Path(context).resolve()
-    cfg = _checked(config, "build config") if config else load_build_config(
-        context, Path(config_file) if config_file else None)
+    if config is not None:
+        cfg = _checked(config, "build config")
+    else:
+        cfg, assumed = _read_build_config(context, Path(config_file) if config_file else None)
+        if assumed:
+            progress(f"no bentofile.yaml: building with the defaults for `service: {cfg.service}` (write a "
+                     "bentofile.yaml to change them)")
     store = store or BentoStore()
     model_store = model_store or default_store()
     spec = load_service(cfg.service, context)

@@ -86,7 +86,7 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(BuildConfigError, match=r"bentofile.yaml: python.packages: Expected `array`, got `str`"):
         load_build_config(tmp_path)
     (tmp_path / "bentofile.yaml").write_text("service: s.py:S\nlables: {}\n")
-    with pytest.raises(BuildConfigError, match=r"lables.*unknown field"):
+    with pytest.raises(BuildConfigError, match=r"bentofile.yaml: lables: unknown key; the keys are service, name, include"):
         load_build_config(tmp_path)
     (tmp_path / "bentofile.yaml").unlink()
     (tmp_path / "pyproject.toml").write_text('[tool.bento_like.build]\nservice = "s.py:S"\ninclude = ["*.py"]\n')
@@ -94,6 +94,46 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
     (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\n')
     with pytest.raises(BuildConfigError, match="no \\[tool.bento_like.build\\]"):
         load_build_config(tmp_path)
+
+
+def test_config_errors_read_cleanly(tmp_path: Path) -> None:
+    (tmp_path / "bentofile.yaml").write_text("name: x\n")
+    with pytest.raises(BuildConfigError) as caught:
+        load_build_config(tmp_path)
+    assert str(caught.value) == (f"{tmp_path / 'bentofile.yaml'}: service: required, missing (the service class, "
+                                 "as file.py:Class or module:Class)")
+    (tmp_path / "bentofile.yaml").write_text("service: s.py:S\npython: {pakages: [numpy]}\n")
+    with pytest.raises(BuildConfigError, match=r"python.pakages: unknown key; the keys are packages, requirements_txt"):
+        load_build_config(tmp_path)
+    (tmp_path / "bentofile.yaml").write_text("service: s.py:S\nmodels: [{optimize: []}]\n")
+    with pytest.raises(BuildConfigError, match=r"models\[0\].tag: required, missing$"):
+        load_build_config(tmp_path)
+
+
+def test_a_folder_without_a_build_config_builds_its_one_service(project: Path) -> None:
+    (project / "bentofile.yaml").unlink()
+    (project / "helpers.py").write_text("class NotAService:\n    pass\n")
+    result = CliRunner().invoke(cli, ["build", str(project)])
+    assert result.exit_code == 0, result.output
+    assert ("no bentofile.yaml: building with the defaults for `service: service.py:Scaler` (write a bentofile.yaml "
+            "to change them)") in result.output
+    assert BentoStore().get("scaler:latest").info.service == "service.py:Scaler"
+
+
+@pytest.mark.parametrize("files, problem", [
+    ({}, "no @service class in a .py file at its top"),
+    ({"a.py": "import bento_like as bl\n@bl.service\nclass A: ...\n",
+      "b.py": "from bento_like import service\n@service(name='b')\nclass B: ...\n"},
+     "2 @service classes (a.py:A, b.py:B): say which"),
+    ({"broken.py": "@bl.service\nclass A(:\n"}, "(unreadable: broken.py (SyntaxError: invalid syntax, line 2))"),
+])
+def test_without_a_build_config_the_service_must_be_unambiguous(tmp_path: Path, files: dict, problem: str) -> None:
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    result = CliRunner().invoke(cli, ["build", str(tmp_path)])
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith(f"Error: {tmp_path} has no bentofile.yaml, no [tool.bento_like.build] in a "
+                                    "pyproject.toml, and ") and problem in result.output, result.output
 
 
 def test_unresolvable_requirement_fails_the_build(project: Path) -> None:
