@@ -26,6 +26,7 @@ from typing import Callable
 import msgspec
 
 from ..bentos import MANIFEST_FILE, Bento, BentoError, BentoManifest, BentoStore, encode_manifest
+from .base import BaseImageError, check_base, default_base, ways_out
 from .cache import touch
 from .oci import (
     DEFAULT_USER,
@@ -142,14 +143,17 @@ def containerize(
     bento = (store or BentoStore()).get(ref)
     bento.verify()
     info = bento.info
-    base_ref = base or info.base_image or os.environ.get(BASE_IMAGE_ENV)
-    if not base_ref:
-        raise ContainerizeError(
-            f"bento {info.tag} names no base image: pass --base (oci:DIR:TAG, oci-archive:FILE:TAG or a registry "
-            f"reference) with Python {info.python.version} as python3, set base_image in the build config, "
-            f"or set {BASE_IMAGE_ENV}"
-        )
+    base_ref = base or info.base_image or os.environ.get(BASE_IMAGE_ENV) or default_base(info.python.version)
+    base_image = BaseImage.parse(base_ref, insecure=insecure_base)
+    if base_image.kind != "registry" and not Path(base_image.location).exists():
+        what = "OCI layout directory" if base_image.kind == "layout" else "OCI archive"
+        raise BaseImageError(f"base image {base_ref}: the {what} {base_image.location} does not exist; "
+                             f"{ways_out(info.python.version)}")
     cache_dir = cache_dir or default_cache_dir()
+    # Before the dependencies are installed (minutes, hundreds of MB): the base is there, for the bento's
+    # platform, with its Python.
+    progress(f"base: {base_ref}")
+    check_base(base_image, info.python.version, info.platform, cache_dir / "layers")
     out = Path(output) if output else store_image_dir(info.name)
     tag = tag or info.version
     epoch = source_date_epoch()
@@ -181,7 +185,7 @@ def containerize(
         layers.append(code)
         progress(f"image: {len(layers)} layers on {base_ref}")
         return build_image(
-            BaseImage.parse(base_ref, insecure=insecure_base),
+            base_image,
             layers,
             image_config(info),
             out,

@@ -138,7 +138,7 @@ def rfc3339(epoch: int) -> str:
     return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _open_base(base: BaseImage, scratch: Path, cache_dir: Path | None, platform: str) -> tuple[Layout, str | None, str]:
+def open_base(base: BaseImage, scratch: Path, cache_dir: Path | None, platform: str) -> tuple[Layout, str | None, str]:
     """(layout holding the base, its tag, a name for annotations); registry bases are pulled into the cache."""
     if base.kind == "layout":
         return Layout(Path(base.location)), base.tag, f"oci:{base.location}"
@@ -196,11 +196,11 @@ def _reuse_base(base: BaseImage, layout: Layout, scratch: Path, cache_dir: Path 
     """Link the base's layers into layout: (their results, the base's config, annotations naming the base).
     With a `platform`, the base must be an image for it (or an index offering one)."""
     wanted = platform or host_image_platform()
-    base_layout, base_tag, base_name = _open_base(base, scratch, cache_dir, wanted)
+    base_layout, base_tag, base_name = open_base(base, scratch, cache_dir, wanted)
     descriptor, manifest = base_layout.image_manifest(base_tag, wanted)
     base_config = json.loads(base_layout.read_blob(manifest["config"]["digest"]))
     if platform is not None:
-        _check_base_platform(base_config, platform, base_name)
+        check_base_platform(base_config, platform, base_name)
     diff_ids = base_config.get("rootfs", {}).get("diff_ids", [])
     if len(diff_ids) != len(manifest["layers"]):
         raise ImageError(f"{base_name}: its config lists {len(diff_ids)} diff_ids for {len(manifest['layers'])} layers")
@@ -217,7 +217,7 @@ def _reuse_base(base: BaseImage, layout: Layout, scratch: Path, cache_dir: Path 
     return results, base_config, annotations
 
 
-def _check_base_platform(base_config: Mapping[str, Any], platform: str, base_name: str) -> None:
+def check_base_platform(base_config: Mapping[str, Any], platform: str, base_name: str) -> None:
     """A base for another machine would give an image whose python3 cannot load the dependencies' wheels."""
     os_name, _, rest = platform.partition("/")
     arch, _, variant = rest.partition("/")

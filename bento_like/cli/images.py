@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import click
 
 from .bentos import _bento_errors
+from .models import OUTPUT
 
 
 class _Progress:
@@ -61,14 +63,17 @@ def _registry_errors(command):  # type: ignore[no-untyped-def]
 @click.option("--backend", type=click.Choice(["oci", "docker"]), default="oci", show_default=True,
               help="oci writes the image directly; docker renders a Dockerfile and builds through a Docker API.")
 @click.option("--insecure", is_flag=True, help="Plain HTTP to registries (always allowed for 127.0.0.1/localhost).")
+@click.option("-o", "--out", "out", type=click.Choice(["table", "json"]), default="table", show_default=True,
+              help="json prints one JSON document (digest, layers, push) on stdout; progress goes to stderr.")
 @_bento_errors
 @_registry_errors
 def containerize(ref: str, base: str | None, output: str | None, archive: str | None, tag: str | None,
-                 push_to: str | None, backend: str, insecure: bool) -> None:
+                 push_to: str | None, backend: str, insecure: bool, out: str) -> None:
     """Turn the bento REF into an OCI image.
 
     The default backend writes the image itself and needs no Docker daemon; `--backend docker` builds it through
     the Docker API that DOCKER_HOST names (dockerd, or podman's service) and leaves it in that daemon's store."""
+    as_json = out == "json"
     if backend == "docker":
         unused = [flag for flag, value in (("--output", output), ("--archive", archive), ("--push", push_to),
                                            ("--insecure", insecure)) if value]
@@ -79,16 +84,27 @@ def containerize(ref: str, base: str | None, output: str | None, archive: str | 
         from ..builders.docker_backend import build_with_docker
 
         image = build_with_docker(ref, base=base, tag=tag, progress=lambda line: click.echo(line, err=True))
-        click.echo(image)
+        click.echo(json.dumps({"backend": "docker", "image": image}) if as_json else image)
         return
     from ..builders.containerize import containerize as build
 
-    result = build(ref, base=base, output=output, archive=archive, tag=tag, insecure_base=insecure, progress=click.echo)
-    for layer in result.layers:
-        click.echo(f"  {layer.digest.split(':')[1][:12]}  {layer.size / 1e6:9.2f} MB  {layer.source:<6}  {layer.comment}")
-    click.echo(f"{result.reference}  {result.manifest_digest}  ({result.seconds:.1f} s)")
+    result = build(ref, base=base, output=output, archive=archive, tag=tag, insecure_base=insecure,
+                   progress=lambda line: click.echo(line, err=as_json))
+    document: dict[str, Any] = {
+        "reference": result.reference, "layout": str(result.layout), "tag": result.tag,
+        "digest": result.manifest_digest, "config_digest": result.config_digest,
+        "archive": str(result.archive) if result.archive else None, "seconds": round(result.seconds, 3),
+        "layers": [{"digest": layer.digest, "size": layer.size, "source": layer.source, "comment": layer.comment}
+                   for layer in result.layers],
+    }
+    if not as_json:
+        for layer in result.layers:
+            click.echo(f"  {layer.digest.split(':')[1][:12]}  {layer.size / 1e6:9.2f} MB  {layer.source:<6}  {layer.comment}")
+        click.echo(f"{result.reference}  {result.manifest_digest}  ({result.seconds:.1f} s)")
     if push_to:
-        _push(result.layout, result.tag, push_to, insecure, None)
+        document["push"] = _push(result.layout, result.tag, push_to, insecure, None, as_json)
+    if as_json:
+        click.echo(json.dumps(document))
 
 
 @click.command()
@@ -96,14 +112,17 @@ def containerize(ref: str, base: str | None, output: str | None, archive: str | 
 @click.argument("destination")
 @click.option("--mount-from", help="Another repository of the same registry that may already hold the layers.")
 @click.option("--insecure", is_flag=True, help="Plain HTTP (always allowed for 127.0.0.1/localhost).")
+@OUTPUT
 @_bento_errors
 @_registry_errors
-def push(image: str, destination: str, mount_from: str | None, insecure: bool) -> None:
+def push(image: str, destination: str, mount_from: str | None, insecure: bool, output: str) -> None:
     """Push IMAGE (oci:DIR:TAG, or a bento name:version that was containerized) to REGISTRY/REPO:TAG.
 
     Credentials come from BENTO_LIKE_REGISTRY_USER/BENTO_LIKE_REGISTRY_PASSWORD or ~/.docker/config.json."""
     layout, tag = _image_location(image)
-    _push(layout, tag, destination, insecure, mount_from)
+    document = _push(layout, tag, destination, insecure, mount_from, output == "json")
+    if output == "json":
+        click.echo(json.dumps(document))
 
 
 def _image_location(image: str) -> tuple[Path, str]:
@@ -119,15 +138,55 @@ def _image_location(image: str) -> tuple[Path, str]:
     return store_image_dir(bento.info.name), bento.info.version
 
 
-def _push(layout: Path, tag: str, destination: str, insecure: bool, mount_from: str | None) -> None:
+def _push(layout: Path, tag: str, destination: str, insecure: bool, mount_from: str | None,
+          quiet: bool) -> dict[str, Any]:
+    """Push, print the summary line unless `quiet`, and return the report as a JSON-ready document."""
     from ..builders.registry import push_image
 
     report = push_image(layout, destination, source_tag=tag, insecure=insecure, mount_from=mount_from, progress=_Progress())
-    click.echo(
-        f"{report.reference}@{report.manifest_digest}: {len(report.uploaded)} uploaded "
-        f"({report.bytes_uploaded / 1e6:.1f} MB), {len(report.existing)} already there, {len(report.mounted)} mounted "
-        f"({report.seconds:.1f} s)"
-    )
+    if not quiet:
+        click.echo(
+            f"{report.reference}@{report.manifest_digest}: {len(report.uploaded)} uploaded "
+            f"({report.bytes_uploaded / 1e6:.1f} MB), {len(report.existing)} already there, {len(report.mounted)} mounted "
+            f"({report.seconds:.1f} s)"
+        )
+    return {"reference": report.reference, "digest": report.manifest_digest, "uploaded": report.uploaded,
+            "existing": report.existing, "mounted": report.mounted, "bytes_uploaded": report.bytes_uploaded,
+            "seconds": round(report.seconds, 3)}
 
 
-COMMANDS = [containerize, push]
+@click.group()
+def base() -> None:
+    """Base images for `pkg containerize`: an image with the bento's python3 that the layers go on."""
+
+
+@base.command("create")
+@click.option("--python", "python_version", help="The Python of the image: 3.11 (Debian bookworm) or 3.13 (trixie) [this Python's, else 3.11].")
+@click.option("--output", type=click.Path(file_okay=False), help="OCI layout directory [$BENTO_LIKE_HOME/images/base].")
+@click.option("--tag", help="Tag in the layout [pythonX.Y].")
+@click.option("--mirror", help="Debian mirror [the one apt uses here, else deb.debian.org].")
+@click.option("--push", "push_to", help="Then push it to REGISTRY/REPO:TAG.")
+@click.option("--insecure", is_flag=True, help="Plain HTTP to the registry (always allowed for 127.0.0.1/localhost).")
+@_registry_errors
+def create_base_command(python_version: str | None, output: str | None, tag: str | None, mirror: str | None,
+                        push_to: str | None, insecure: bool) -> None:
+    """Make a Debian minbase + python3 base image with debootstrap (root), without any registry.
+
+    Prints the reference to pass to `pkg containerize --base`."""
+    from ..bentos import home
+    from ..builders.base import create_base
+
+    out = Path(output) if output else home() / "images" / "base"
+    created = create_base(out, python_version=python_version, tag=tag, mirror=mirror,
+                          progress=lambda line: click.echo(line, err=True))
+    click.echo(f"base: Debian {created.suite} + python{created.python_version}, "
+               f"{sum(layer.size for layer in created.image.layers) / 1e6:.1f} MB, {created.seconds:.0f} s", err=True)
+    reference = created.reference
+    if push_to:
+        _push(created.image.layout, created.image.tag, push_to, insecure, None, quiet=True)
+        reference = push_to
+    click.echo(f"use it: pkg containerize BENTO --base {reference}", err=True)
+    click.echo(reference)
+
+
+COMMANDS = [containerize, push, base]

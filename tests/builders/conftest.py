@@ -14,6 +14,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -23,10 +24,11 @@ from typing import Callable, Iterator
 import httpx
 import pytest
 
+from bento_like.builders.base import debian_mirror
 from bento_like.builders.oci import BaseImage, ImageConfig, ImageResult, LayerSpec, build_image
 
 PYTHON_BASE_SUITE = "bookworm"
-PYTHON_BASE_TAG = "bookworm-python3"
+PYTHON_BASE_TAG = "python3.11"  # what `pkg base create --python 3.11` names it
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -255,34 +257,14 @@ class PythonBase:
         return BaseImage(str(self.layout), self.tag)
 
 
-def debian_mirror() -> str:
-    """The mirror apt is configured with (deb822 `URIs:` or one-line `deb URL SUITE`), for debootstrap."""
-    files = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*.sources")),
-             *sorted(Path("/etc/apt/sources.list.d").glob("*.list"))]
-    for path in files:
-        if not path.is_file():
-            continue
-        text = path.read_text(errors="replace")
-        for stanza in text.split("\n\n"):
-            lines = [line for line in stanza.splitlines() if ":" in line and not line.startswith("#")]
-            fields = dict(line.split(":", 1) for line in lines)
-            suites = fields.get("Suites", "").split()
-            if PYTHON_BASE_SUITE in suites and fields.get("URIs", "").strip():
-                return fields["URIs"].split()[0]
-        for line in text.splitlines():
-            parts = line.split()
-            if len(parts) >= 3 and parts[0] == "deb" and PYTHON_BASE_SUITE in parts[2:3]:
-                return parts[1] if not parts[1].startswith("[") else parts[2]
-    return "http://deb.debian.org/debian"
-
-
 def test_cache_dir() -> Path:
     return Path(os.environ.get("BENTO_LIKE_TEST_CACHE") or "~/.cache/bento_like-tests").expanduser()
 
 
 @pytest.fixture(scope="session")
 def python_base_layout() -> PythonBase:
-    """`debootstrap --variant=minbase --include=python3 bookworm` turned into a one-layer OCI base image.
+    """`pkg base create --python 3.11` (debootstrap: Debian bookworm minbase + python3, one layer), run as a user
+    runs it.
 
     Built once and cached under $BENTO_LIKE_TEST_CACHE (default ~/.cache/bento_like-tests), keyed by the suite,
     the mirror and the layer format, and guarded by a file lock so that parallel sessions build it once. Tests
@@ -291,35 +273,25 @@ def python_base_layout() -> PythonBase:
     require("debootstrap")
     if os.geteuid() != 0:
         pytest.skip("debootstrap needs root")
-    mirror = debian_mirror()
-    key = hashlib.sha256(f"{PYTHON_BASE_SUITE}|minbase|python3|{mirror}|layer-1".encode()).hexdigest()[:16]
+    mirror = debian_mirror(PYTHON_BASE_SUITE)
+    key = hashlib.sha256(f"{PYTHON_BASE_SUITE}|pkg-base-create|{mirror}|layer-1".encode()).hexdigest()[:16]
     root = test_cache_dir() / f"python-base-{PYTHON_BASE_SUITE}-{key}"
     root.mkdir(parents=True, exist_ok=True)
     layout, done, timings_path = root / "layout", root / "layout.done", root / "timings.json"
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not done.exists():
-            rootfs = root / "rootfs"
-            shutil.rmtree(rootfs, ignore_errors=True)
             shutil.rmtree(layout, ignore_errors=True)
             started = time.perf_counter()
-            proc = subprocess.run(["debootstrap", "--variant=minbase", "--include=python3", PYTHON_BASE_SUITE,
-                                   str(rootfs), mirror], capture_output=True, text=True)
+            proc = subprocess.run(
+                [sys.executable, "-m", "bento_like", "base", "create", "--python", "3.11", "--output", str(layout)],
+                capture_output=True, text=True, timeout=900)
             if proc.returncode != 0:
-                pytest.fail(f"debootstrap failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-            debootstrap_s = time.perf_counter() - started
-            started = time.perf_counter()
-            rootfs_layer = LayerSpec.directory(
-                rootfs, "/", preserve=True, comment=f"debian {PYTHON_BASE_SUITE} minbase + python3",
-                # Device nodes are the runtime's to make; apt's caches are 90 MB nobody needs at run time.
-                exclude=("dev/*", "var/cache/apt/archives/*.deb", "var/cache/apt/*.bin", "var/lib/apt/lists/*"))
-            config = ImageConfig(cmd=["python3"], user=None, env={
-                "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"})
-            build_image(None, [rootfs_layer], config, layout, PYTHON_BASE_TAG)
-            timings = {"debootstrap_s": round(debootstrap_s, 1), "layer_s": round(time.perf_counter() - started, 1),
+                pytest.fail(f"pkg base create failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+            assert proc.stdout.strip() == f"oci:{layout}:{PYTHON_BASE_TAG}", proc.stdout
+            timings = {"base_create_s": round(time.perf_counter() - started, 1),
                        "layout_mb": round(sum(f.stat().st_size for f in layout.rglob("*") if f.is_file()) / 1e6, 1)}
             timings_path.write_text(json.dumps(timings))
-            shutil.rmtree(rootfs)
             done.touch()
     return PythonBase(layout, PYTHON_BASE_TAG, "3.11", "2.36", json.loads(timings_path.read_text()))
 
@@ -331,7 +303,8 @@ def tiny_base(tmp_path: Path) -> Callable[[str], str]:
 
     def make(platform: str) -> str:
         layout = tmp_path / f"tiny-base-{platform.replace('/', '-')}"
-        layer = LayerSpec.files({"/etc/tiny-base": platform}, comment="tiny base")
+        # an empty python3.11: containerize checks that the base has the bento's Python before it builds
+        layer = LayerSpec.files({"/etc/tiny-base": platform, "/usr/bin/python3.11": ""}, comment="tiny base")
         build_image(None, [layer], ImageConfig(user=None, platform=platform), layout, "base")
         return f"oci:{layout}:base"
 

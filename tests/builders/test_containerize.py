@@ -15,7 +15,9 @@ from click.testing import CliRunner
 
 import bento_like as bl
 from bento_like.builders.bento import build_bento
-from bento_like.builders.containerize import ContainerizeError, containerize
+from bento_like.builders.base import BaseImageError, default_base
+from bento_like.builders.containerize import containerize
+from bento_like.builders.oci import ImageConfig, LayerSpec, build_image
 from bento_like.cli.main import cli
 
 from live_server import free_port
@@ -79,13 +81,25 @@ def test_image_is_reproducible_layered_and_a_code_change_rebuilds_one_layer(bent
     assert [c for c in after if after[c] != before.get(c)] == ["code + manifest"]
 
 
-def test_no_base_image_is_a_clear_error(home: Path, tmp_path: Path) -> None:
+def test_a_base_that_cannot_be_had_fails_before_any_dependency_is_installed(
+        home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bl.models.save("weights", {"scale": 3.0}, framework="pickle")
     (tmp_path / "service.py").write_text(SERVICE)
     (tmp_path / "bentofile.yaml").write_text("service: service.py:Scaler\n")
     tag = build_bento(tmp_path).bento.tag
-    with pytest.raises(ContainerizeError, match="names no base image: pass --base"):
-        containerize(tag)
+    assert default_base("3.11") == "docker.io/library/python:3.11-slim"  # what containerize pulls when told nothing
+    lines: list[str] = []
+    monkeypatch.setenv("BENTO_LIKE_BASE_IMAGE", f"127.0.0.1:{free_port()}/library/python:3.11-slim")  # nobody there
+    with pytest.raises(BaseImageError, match=r"can't be pulled .*make one with `pkg base create --python 3.11`"):
+        containerize(tag, progress=lines.append)
+    with pytest.raises(BaseImageError, match=r"the OCI archive .*missing.tar does not exist; make one with"):
+        containerize(tag, base=f"oci-archive:{tmp_path / 'missing.tar'}:base", progress=lines.append)
+    layout = tmp_path / "no-python"
+    build_image(None, [LayerSpec.files({"/etc/os-release": "tiny"}, comment="no python")], ImageConfig(user=None), layout,
+                "base")
+    with pytest.raises(BaseImageError, match=r"holds no python3.11 \(its pythons: none\)"):
+        containerize(tag, base=f"oci:{layout}:base", progress=lines.append)
+    assert not any(line.startswith("dependencies") for line in lines), lines
 
 
 def test_push_pull_run_and_predict(bento: str, tmp_path: Path, registry, run_image) -> None:
@@ -110,6 +124,17 @@ def test_push_pull_run_and_predict(bento: str, tmp_path: Path, registry, run_ima
     remote = json.loads(subprocess.run(["skopeo", "inspect", f"oci:{pulled}:v1"], capture_output=True, text=True,
                                        check=True).stdout)["Digest"]
     assert local == remote
+
+    # for scripts: one JSON document on stdout, progress on stderr
+    pushed = runner.invoke(cli, ["push", f"oci:{out}:v1", dest, "-o", "json"])
+    assert pushed.exit_code == 0, pushed.output
+    document = json.loads(pushed.stdout)
+    assert document["digest"] == local and document["uploaded"] == [] and document["reference"].endswith(dest)
+    rebuilt = runner.invoke(cli, ["containerize", bento, "--output", str(out), "--tag", "v1", "-o", "json"])
+    assert rebuilt.exit_code == 0, rebuilt.output
+    image = json.loads(rebuilt.stdout)
+    assert image["digest"] == local and image["reference"] == f"oci:{out}:v1"
+    assert {layer["source"] for layer in image["layers"]} <= {"base", "cached"} and image["layers"][-1]["size"] > 0
 
     port = free_port()
     run_image(str(pulled), "v1", env={"BENTO_LIKE_PORT": str(port)})
