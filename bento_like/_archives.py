@@ -31,7 +31,12 @@ Check = Callable[[str, int], None]
 def write_archive(dest: Path, prefix: str, root: Path, files: Iterable[str]) -> Path:
     """Write ``root/<file>`` for each relative path in ``files`` as ``<prefix>/<file>`` into ``dest``, atomically.
 
-    gzip-compressed when ``dest`` ends in .gz or .tgz."""
+    gzip-compressed when ``dest`` ends in .gz or .tgz. Raises ArchiveWriteError (an OSError) naming ``dest``
+    and the reason when it can't be written."""
+    if not dest.parent.is_dir():
+        raise ArchiveWriteError(f"cannot write {dest}: the folder {dest.parent} does not exist")
+    if dest.is_dir():
+        raise ArchiveWriteError(f"cannot write {dest}: it is a folder; give the archive's file name")
     partial = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.partial")
     try:
         with open(partial, "wb") as raw:
@@ -48,9 +53,17 @@ def write_archive(dest: Path, prefix: str, root: Path, files: Iterable[str]) -> 
             if compressed:
                 out.close()
         os.replace(partial, dest)
+    except ArchiveWriteError:
+        raise
+    except OSError as exc:
+        raise ArchiveWriteError(f"cannot write {dest}: {exc.strerror or exc}") from exc
     finally:
         partial.unlink(missing_ok=True)
     return dest
+
+
+class ArchiveWriteError(OSError):
+    """An archive could not be written; the message names it and why, for one ``Error:`` line."""
 
 
 def member_path(

@@ -15,6 +15,7 @@ the next. This module reads bentos and manages the store of them; building one i
 from __future__ import annotations
 
 import builtins
+import difflib
 import functools
 import gzip
 import hashlib
@@ -30,7 +31,7 @@ import msgspec
 import yaml
 
 from . import _yaml
-from ._archives import safe_extract, write_archive
+from ._archives import ArchiveWriteError, safe_extract, write_archive
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "bento.yaml"
@@ -204,8 +205,11 @@ class BentoStore:
         version = version or "latest"
         candidates = self.list(name)
         if not candidates:
-            known = ", ".join(b.tag for b in self.list()) or "none"
-            raise BentoError(f"no bento {ref!r} in {self.root} (bentos: {known})")
+            everything = self.list()
+            known = ", ".join(b.tag for b in everything) or "none"
+            close = difflib.get_close_matches(name, sorted({b.info.name for b in everything}), n=1)
+            hint = f"; did you mean {close[0]}:{version}?" if close else ""
+            raise BentoError(f"no bento {ref!r}{hint} (bentos in {self.root}: {known})")
         if version == "latest":
             return candidates[0]
         for bento in candidates:
@@ -266,7 +270,10 @@ class BentoStore:
         files += sorted(
             str(p.relative_to(bento.path)) for p in (bento.path / "models").rglob("*") if p.is_file()
         )
-        return write_archive(Path(dest), f"{bento.info.name}/{bento.info.version}", bento.path, files)
+        try:
+            return write_archive(Path(dest), f"{bento.info.name}/{bento.info.version}", bento.path, files)
+        except ArchiveWriteError as exc:
+            raise BentoError(str(exc)) from None
 
     def import_(self, source: str | os.PathLike[str]) -> Bento:
         """Add the bento in an archive; anything unsafe or not matching its manifest leaves the store untouched."""

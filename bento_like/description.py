@@ -9,6 +9,7 @@ or the builders, so ``pkg build`` describes a service without the server that wi
 from __future__ import annotations
 
 import inspect
+import re
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -68,7 +69,7 @@ class APIDescription:
     output_kind: str  # "json", "ndarray", "bytes", "file", "str", or "stream" for a generator
     output_form: str | None  # "array", "tuple" or "dict" when the annotation declares its parts, else None
     output_parts: tuple[OutputPart, ...]  # in the order the result holds them
-    summary: str | None  # the first line of the docstring
+    summary: str | None  # the first sentence of the docstring
 
     @property
     def name(self) -> str:
@@ -134,7 +135,7 @@ def describe_api(func: Callable[..., Any], config: APIConfig) -> APIDescription:
         output_kind="stream" if streams else _kind(output, array_spec(output)),
         output_form=form,
         output_parts=parts,
-        summary=(func.__doc__ or "").strip().split("\n")[0] or None,
+        summary=_summary(func.__doc__),
     )
 
 
@@ -172,14 +173,23 @@ def _kind(annotation: Any, spec: ArraySpec | None) -> str:
     return "json"
 
 
+def _summary(doc: str | None) -> str | None:
+    """The docstring's first sentence (its first paragraph, where that has no sentence end)."""
+    paragraph = " ".join(line.strip() for line in inspect.cleandoc(doc or "").split("\n\n", 1)[0].splitlines())
+    match = re.match(r"(.+?[.!?])(?:\s|$)", paragraph)
+    return (match.group(1) if match else paragraph) or None
+
+
 def _input_struct(api_name: str, params: list[Parameter]) -> type[msgspec.Struct]:
     fields = [(p.name, p.field_type) if p.required else (p.name, p.field_type, p.default) for p in params]
     struct = msgspec.defstruct(f"{api_name}_input", fields, forbid_unknown_fields=True, kw_only=True, module=__name__)
     try:  # msgspec describes exactly the types it can decode
         msgspec.json.schema_components([struct], schema_hook=_schema_hook)
     except (TypeError, NotImplementedError) as exc:
+        # msgspec's message explains schema hooks over several lines; its last line names the type
+        what = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise ServiceDefinitionError(
-            f"API {api_name!r}: an input type cannot be served ({exc}); use builtins, msgspec Structs, "
+            f"API {api_name!r}: an input type cannot be served ({what}); use builtins, msgspec Structs, "
             "dataclasses, np.ndarray, bytes or bento_like.File"
         ) from None
     return struct

@@ -59,6 +59,19 @@ class Described:
         yield from map(str, range(n))
 
 
+def test_the_summary_is_the_docstrings_first_sentence() -> None:
+    from bento_like.description import _summary
+
+    assert _summary("Species probabilities (setosa, versicolor, virginica) for rows of sepal length,\n"
+                    "    sepal width, petal length and petal width, in cm.\n\n    More.") == (
+        "Species probabilities (setosa, versicolor, virginica) for rows of sepal length, sepal width, petal "
+        "length and petal width, in cm.")
+    assert _summary("Echo it. Then more.") == "Echo it."
+    assert _summary("No sentence end\n  but two lines") == "No sentence end but two lines"
+    assert _summary("v1.2 of the model, e.g. this.") == "v1.2 of the model, e.g."  # a full stop then a space ends it
+    assert _summary(None) is None and _summary("   ") is None
+
+
 def test_each_api_is_described_once_in_declaration_order() -> None:
     predict, tag, upload, stats, count = describe(get_spec(Described))
     assert [p.kind for p in predict.params] == ["ndarray"] and predict.params[0].array.shape == (-1, 4)

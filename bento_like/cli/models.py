@@ -135,9 +135,10 @@ def delete_command(tags: tuple[str, ...], yes: bool) -> None:
     """Delete model versions (name:version or name:latest)."""
     from .. import models
 
+    resolved = [models.get(tag).tag for tag in tags]  # a wrong tag is an error before anything is asked
     if not yes:
-        click.confirm(f"Delete {', '.join(tags)}?", abort=True)
-    for tag in tags:
+        click.confirm(f"Delete {', '.join(resolved)}?", abort=True)
+    for tag in resolved:
         click.echo(f"deleted {models.delete(tag)}")
 
 

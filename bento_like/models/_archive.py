@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .._archives import safe_extract, write_archive
+from .._archives import ArchiveWriteError, safe_extract, write_archive
 from ._digest import verify_files
 from ._errors import (
     AdapterError,
@@ -43,7 +43,10 @@ def export_model(store: ModelStore, tag: str, path: str | os.PathLike[str]) -> P
     model = store.get(tag)
     model.verify()
     files = [MANIFEST_FILE, *(entry.path for entry in model.info.files)]
-    return write_archive(Path(path), f"{model.name}/{model.version}", model.path, files)
+    try:
+        return write_archive(Path(path), f"{model.name}/{model.version}", model.path, files)
+    except ArchiveWriteError as exc:
+        raise ModelStoreError(str(exc)) from None
 
 
 def _is_tag_prefix(name: str, version: str) -> bool:

@@ -8,6 +8,7 @@ Deletes rename the version away before removing it, so readers see a version who
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib.metadata
 import os
@@ -289,7 +290,9 @@ class ModelStore:
         if not others:
             return f"no model {tag!r}: the store at {self.root} is empty"
         shown = ", ".join(others[:20]) + (f" and {len(others) - 20} more" if len(others) > 20 else "")
-        return f"no model {tag!r}; the store at {self.root} holds: {shown}"
+        close = difflib.get_close_matches(name, sorted({t.split(":")[0] for t in others}), n=1)
+        hint = f"; did you mean {close[0]}:{tag.partition(':')[2] or 'latest'}?" if close else ""
+        return f"no model {tag!r}{hint}; the store at {self.root} holds: {shown}"
 
     @contextmanager
     def _staging(self, purpose: str) -> Iterator[Path]:

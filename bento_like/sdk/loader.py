@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from .api import ServiceDefinitionError
@@ -35,7 +36,11 @@ def load_service(target: str, working_dir: str | os.PathLike[str] | None = None)
         except ModuleNotFoundError as exc:
             if exc.name and module_part.startswith(exc.name):
                 raise ServiceDefinitionError(f"cannot import {module_part!r}: no such module (looked in {base})") from None
+            raise ServiceDefinitionError(_import_failure(module_part, exc, base)) from exc
+        except ServiceDefinitionError:
             raise
+        except Exception as exc:
+            raise ServiceDefinitionError(_import_failure(module_part, exc, base)) from exc
     if attr:
         try:
             obj = module
@@ -66,7 +71,30 @@ def _import_file(path: Path):
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
+    except ServiceDefinitionError:
+        sys.modules.pop(name, None)
+        raise
+    except Exception as exc:
+        sys.modules.pop(name, None)
+        raise ServiceDefinitionError(_import_failure(path.name, exc, path.parent)) from exc
     except BaseException:
         sys.modules.pop(name, None)
         raise
     return module
+
+
+def _import_failure(what: str, exc: Exception, base: Path) -> str:
+    """One line for an exception raised while importing the user's service: where in their code, and what.
+
+    The frame shown is the innermost one in a file under ``base``, the service's folder (the user's line that
+    called into a library that raised), else the innermost; a SyntaxError names its own file and line."""
+    if isinstance(exc, SyntaxError):
+        where = f"{Path(exc.filename or what).name}, line {exc.lineno}"
+        text = (exc.text or "").strip()
+        return f"cannot import {what}: {where}: SyntaxError: {exc.msg}" + (f": {text}" if text else "")
+    frames = traceback.extract_tb(exc.__traceback__)
+    root = base.resolve()
+    user = [f for f in frames if "site-packages" not in f.filename and Path(f.filename).resolve().is_relative_to(root)]
+    frame = (user or frames or [None])[-1]
+    where = f"{Path(frame.filename).name}, line {frame.lineno}: " if frame is not None else ""
+    return f"cannot import {what}: {where}{type(exc).__name__}: {exc}"

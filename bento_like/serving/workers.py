@@ -36,6 +36,7 @@ from typing import Any
 import msgspec
 
 from ..models._store import MODEL_STORE_ENV
+from ..sdk.api import ServiceDefinitionError
 from ..sdk.loader import load_service
 from ..sdk.service import ServiceSpec
 from .app import ServeOptions, create_app
@@ -66,8 +67,14 @@ def serve(
     options = options or ServeOptions()
     options = dataclasses.replace(options, tuning=options.tuning or Tuning.from_env())
     _configure_logging(log_level)
-    where = _resolve_bento(target, working_dir)
-    spec = _load(where)
+    where, not_a_bento = _resolve_bento(target, working_dir)
+    try:
+        spec = _load(where)
+    except ServiceDefinitionError as exc:
+        if not_a_bento is None or "no such module" not in str(exc):
+            raise
+        # `name:version` was meant as a bento more often than as module:Class: say what both lookups found
+        raise ServiceDefinitionError(f"{target!r} is neither a bento ({not_a_bento}) nor a module ({exc})") from None
     app = create_app(spec, options)  # fails fast, in the parent, on an API that cannot be served
     workers = workers or spec.workers
     server_args: dict[str, Any] = dict(
@@ -98,24 +105,24 @@ class Target(msgspec.Struct, frozen=True):
     bento_dir: str | None = None
 
 
-def _resolve_bento(target: str, working_dir: str) -> Target:
+def _resolve_bento(target: str, working_dir: str) -> tuple[Target, str | None]:
     """A bento (its directory, or name:version in the bento store) is served from its src/ with its own models,
-    exactly as its image serves it; anything else is a service target left as it is."""
+    exactly as its image serves it; anything else is a service target left as it is, with why it is no bento."""
     from ..bentos import MANIFEST_FILE, BentoError, BentoStore
 
     directory = Path(working_dir) / target
     if (directory / MANIFEST_FILE).is_file():
         bento = BentoStore().get(str(directory))
     elif target.endswith(".py") or ".py:" in target:
-        return Target(target, working_dir)
+        return Target(target, working_dir), None
     else:
         try:
             bento = BentoStore().get(target)
-        except BentoError:
-            return Target(target, working_dir)  # module or module:Class
+        except BentoError as exc:
+            return Target(target, working_dir), str(exc)  # module or module:Class
     log.info("serving bento %s from %s", bento.tag, bento.path)
     os.environ[MODEL_STORE_ENV] = str(bento.path / "models")  # this process's and its workers' model store
-    return Target(bento.info.service, str(bento.path / "src"), str(bento.path))
+    return Target(bento.info.service, str(bento.path / "src"), str(bento.path)), None
 
 
 def _load(where: Target) -> ServiceSpec:
