@@ -14,10 +14,11 @@ import json
 import os
 import stat
 import tarfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, Literal, Mapping, Sequence
+from typing import IO, Any, Callable, Literal, Mapping, Sequence
 
 from .cache import touch
 from ._oci_layout import MEDIA_LAYER_GZIP, BytesReader, ImageError, Layout, atomic_write, canonical_json, link_or_copy
@@ -298,9 +299,12 @@ class LayerResult:
 
 
 def build_layers(specs: Sequence[LayerSpec], layout: Layout, cache_dir: Path | None, epoch: int,
-                 level: int) -> list[LayerResult]:
+                 level: int, progress: Callable[[str], None] | None = None) -> list[LayerResult]:
     """Build every layer into layout, or link it from `cache_dir` when its key is there. Layers compress in
-    parallel: zlib and sha256 release the GIL."""
+    parallel: zlib and sha256 release the GIL. `progress` gets a line when a layer starts compressing and one
+    when it is done (compressing a few hundred MB takes tens of seconds), and one per cached layer."""
+    say = progress or (lambda line: None)
+    count = len(specs)
     memo = _DigestMemo(cache_dir / "file-digests.json" if cache_dir else None)
     expanded = [_expand(spec, memo) for spec in specs]
     memo.save()
@@ -315,9 +319,14 @@ def build_layers(specs: Sequence[LayerSpec], layout: Layout, cache_dir: Path | N
             if cached_blob.is_file():
                 link_or_copy(cached_blob, layout.blob_path(known["digest"]))
                 touch(record)  # used now: `pkg cache prune` removes the least recently used first
+                say(f"layer {i + 1}/{count} {spec.comment}: cached ({known['size'] / 1e6:.1f} MB)")
                 return LayerResult(spec.comment, known["digest"], known["diff_id"], known["size"], MEDIA_LAYER_GZIP,
                                    "cached")
+        raw = sum(entry.size for entry in entries if entry.size)
+        say(f"layer {i + 1}/{count} {spec.comment}: compressing {raw / 1e6:.1f} MB")
+        started = time.perf_counter()
         digest, diff_id, size = _write_layer(entries, layout, epoch, level)
+        say(f"layer {i + 1}/{count} {spec.comment}: {size / 1e6:.1f} MB in {time.perf_counter() - started:.1f} s")
         if record is not None:
             blobs = record.parent.parent / "blobs"
             blobs.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -112,19 +113,27 @@ def runtime_tree(dest: Path) -> Path:
     return dest
 
 
-def installed_dependencies(lock: Path, python_version: str, platform: str, cache_dir: Path) -> Path:
+def installed_dependencies(lock: Path, python_version: str, platform: str, cache_dir: Path,
+                           progress: Callable[[str], None] = lambda line: None) -> Path:
     """The locked packages installed for the image, cached by the lock's content: pip runs once per lock."""
     key = hashlib.sha256(lock.read_bytes() + f"{python_version} {platform}".encode()).hexdigest()[:24]
     target = cache_dir / "site-packages" / key
     if (target / ".complete").exists():
         touch(target / ".complete")  # used now: `pkg cache prune` removes the least recently used first
+        progress("dependencies: cached")
     else:
+        count = sum(1 for line in lock.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")
+                    and not line.lstrip().startswith("--"))
+        progress(f"dependencies: pip installs {count} packages (downloads the first time; a minute or more)")
+        started = time.perf_counter()
         partial = target.with_name(f"{key}.partial-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
         pip_install(lock, partial, python_version=python_version, platform=platform, extra_args=["--no-deps"])
         (partial / ".complete").write_text("")
         shutil.rmtree(target, ignore_errors=True)
         os.replace(partial, target)
+        size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+        progress(f"dependencies: {size / 1e6:.0f} MB installed in {time.perf_counter() - started:.0f} s")
     return target
 
 
@@ -158,9 +167,10 @@ def containerize(
     tag = tag or info.version
     epoch = source_date_epoch()
     manifests = shipped_manifests(bento, epoch)
-    progress(f"dependencies: installing {bento.path / info.python.lock_file} for Python {info.python.version} "
+    progress(f"dependencies: {bento.path / info.python.lock_file} for Python {info.python.version} "
              f"on {info.platform}")
-    site = installed_dependencies(bento.path / info.python.lock_file, info.python.version, info.platform, cache_dir)
+    site = installed_dependencies(bento.path / info.python.lock_file, info.python.version, info.platform, cache_dir,
+                                  progress)
     runtime = runtime_tree(cache_dir / "runtime" / f"build-{os.getpid()}")
     try:
         layers = [
@@ -193,6 +203,7 @@ def containerize(
             archive=Path(archive) if archive else None,
             cache_dir=cache_dir / "layers",
             epoch=epoch,
+            progress=progress,
         )
     finally:
         shutil.rmtree(runtime, ignore_errors=True)

@@ -110,8 +110,8 @@ def build_context(bento: Bento, directory: Path, *, cache_dir: Path | None = Non
     directory.mkdir(parents=True, exist_ok=True)
     cache_dir = cache_dir or default_cache_dir()
     lock = bento.path / info.python.lock_file
-    progress(f"dependencies: installing {lock} for Python {info.python.version} on {info.platform}")
-    site = installed_dependencies(lock, info.python.version, info.platform, cache_dir)
+    progress(f"dependencies: {lock} for Python {info.python.version} on {info.platform}")
+    site = installed_dependencies(lock, info.python.version, info.platform, cache_dir, progress)
     _stage_tree(site, directory / "site-packages", exclude={".complete"})
     with tempfile.TemporaryDirectory(prefix="bento_like-runtime-") as scratch:
         _stage_tree(runtime_tree(Path(scratch) / "runtime"), directory / "runtime")

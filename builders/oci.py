@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 from ._oci_layers import File, LayerResult, LayerSpec, Tree, build_layers
 from ._oci_layout import (
@@ -255,7 +255,7 @@ def _image_config(base_config: Mapping[str, Any], config: ImageConfig, layers: S
 
 def build_image(base: BaseImage | None, layers: Sequence[LayerSpec], config: ImageConfig, out: Path, tag: str, *,
                 archive: Path | None = None, cache_dir: Path | None = None, epoch: int | None = None,
-                compress_level: int = 6) -> ImageResult:
+                compress_level: int = 6, progress: Callable[[str], None] | None = None) -> ImageResult:
     """Build an image into the OCI layout `out` (created if missing; other tags there are kept) under `tag`.
 
     The base's layers are reused verbatim; each spec in `layers` becomes one gzipped layer on top, in order.
@@ -263,6 +263,7 @@ def build_image(base: BaseImage | None, layers: Sequence[LayerSpec], config: Ima
     did not change is linked from the cache instead of being compressed again, and registry bases are pulled
     there once. `archive`, when given, also gets a tar of the image's layout (`oci-archive:` for skopeo).
     `epoch` defaults to SOURCE_DATE_EPOCH, else 0, and is every entry's mtime and the image's `created`.
+    `progress` gets a line as each layer starts and ends.
     """
     started = time.perf_counter()
     epoch = source_date_epoch() if epoch is None else epoch
@@ -275,7 +276,7 @@ def build_image(base: BaseImage | None, layers: Sequence[LayerSpec], config: Ima
         with tempfile.TemporaryDirectory(prefix="bento_like-base-") as scratch:
             results, base_config, annotations = _reuse_base(base, layout, Path(scratch), cache_dir,
                                                             config.platform)
-    results += build_layers(layers, layout, cache_dir, epoch, compress_level)
+    results += build_layers(layers, layout, cache_dir, epoch, compress_level, progress)
     config_digest, config_size = layout.write_blob(canonical_json(_image_config(base_config, config, results,
                                                                                 created)))
     manifest = {

@@ -4,6 +4,7 @@ pulled back with skopeo, unpacked with umoci, run with runc, and asked for a rea
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -55,9 +56,14 @@ def layer_comments(result) -> list[tuple[str, str]]:  # type: ignore[no-untyped-
 
 
 def test_image_is_reproducible_layered_and_a_code_change_rebuilds_one_layer(bento: str, tmp_path: Path) -> None:
-    first = containerize(bento, output=tmp_path / "a")
+    lines: list[str] = []
+    first = containerize(bento, output=tmp_path / "a", progress=lines.append)
     again = containerize(bento, output=tmp_path / "b")
     assert again.manifest_digest == first.manifest_digest
+    # a line for each step, so a minute of pip or of compressing is never silent
+    assert any(line.startswith(("dependencies: pip installs", "dependencies: cached")) for line in lines), lines
+    assert any(re.fullmatch(r"layer \d+/\d+ code \+ manifest: (compressing [\d.]+ MB|cached \([\d.]+ MB\))", line)
+               for line in lines), lines
     comments = [c for c, _ in layer_comments(first)]
     assert comments[-4:] == ["python dependencies", "bento_like runtime", f"model {bl.models.get('weights:latest').tag}",
                              "code + manifest"]
