@@ -32,6 +32,7 @@ from .oci import (
     check_base_platform,
     default_cache_dir,
     open_base,
+    source_date_epoch,
 )
 
 DEFAULT_BASE = "docker.io/library/python:{version}-slim"
@@ -129,16 +130,21 @@ def create_base(output: Path, *, python_version: str | None = None, tag: str | N
     with tempfile.TemporaryDirectory(prefix="bento_like-rootfs-", dir=output.parent) as scratch:
         rootfs = Path(scratch) / "rootfs"
         progress(f"debootstrap: Debian {suite} minbase + python3 from {mirror} (a minute or two)")
+        # SOURCE_DATE_EPOCH: the tools that stamp dates into files (shadow's password ages) use the build's epoch
+        env = {**os.environ, "SOURCE_DATE_EPOCH": str(source_date_epoch())}
         proc = subprocess.run(["debootstrap", "--variant=minbase", "--include=python3", suite, str(rootfs), mirror],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             tail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:] or ["no output"]
             raise BaseImageError(f"debootstrap {suite} from {mirror} failed ({proc.returncode}): {tail[0]}")
         progress("image: one layer of the root filesystem")
         layer = LayerSpec.directory(
             rootfs, "/", preserve=True, comment=f"debian {suite} minbase + python3",
-            # Device nodes are the runtime's to make; apt's caches are ~90 MB nobody needs at run time.
-            exclude=("dev/*", "var/cache/apt/archives/*.deb", "var/cache/apt/*.bin", "var/lib/apt/lists/*"))
+            # Device nodes are the runtime's to make; apt's caches are ~90 MB nobody needs at run time. The logs
+            # and ldconfig's cache are the only files that differ between two runs: without them, the same
+            # packages give the same layer digest.
+            exclude=("dev/*", "var/cache/apt/archives/*.deb", "var/cache/apt/*.bin", "var/lib/apt/lists/*",
+                     "var/log/*.log", "var/log/apt/*.log", "var/cache/ldconfig/aux-cache"))
         config = ImageConfig(cmd=["python3"], user=None, env={
             "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"})
         image = build_image(None, [layer], config, output, tag)

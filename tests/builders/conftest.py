@@ -274,7 +274,7 @@ def python_base_layout() -> PythonBase:
     if os.geteuid() != 0:
         pytest.skip("debootstrap needs root")
     mirror = debian_mirror(PYTHON_BASE_SUITE)
-    key = hashlib.sha256(f"{PYTHON_BASE_SUITE}|pkg-base-create|{mirror}|layer-1".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{PYTHON_BASE_SUITE}|pkg-base-create|{mirror}|layer-2".encode()).hexdigest()[:16]
     root = test_cache_dir() / f"python-base-{PYTHON_BASE_SUITE}-{key}"
     root.mkdir(parents=True, exist_ok=True)
     layout, done, timings_path = root / "layout", root / "layout.done", root / "timings.json"
