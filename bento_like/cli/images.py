@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,33 @@ class _Progress:
         elif step.done >= step.total or percent - self.last.get(short, -100) >= 25:
             self.last[short] = percent
             click.echo(f"  {short}  {step.action} {percent:3d}% of {step.total / 1e6:.1f} MB", err=True)
+
+
+class _Steps:
+    """containerize's progress lines. On a terminal the layers' lines (they compress in parallel, so their
+    lines would interleave) are one block, each layer's line rewritten in place as it goes; elsewhere, and for
+    every other step, one line each."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.layers: dict[str, str] = {}  # "layer 2/4" -> its latest line, in the order they first came
+        self.drawn = 0  # lines of the block on screen now
+        self.lock = threading.Lock()
+
+    def __call__(self, line: str) -> None:
+        with self.lock:
+            if not self.tty or not line.startswith("layer "):
+                if self.tty:
+                    self.layers.clear()
+                    self.drawn = 0  # the block is done: what follows goes below it
+                self.stream.write(line + "\n")
+            else:
+                self.layers[line.split(":", 1)[0]] = line
+                up = f"\x1b[{self.drawn}A" if self.drawn else ""
+                self.stream.write(up + "".join(f"\r\x1b[2K{text}\n" for text in self.layers.values()))
+                self.drawn = len(self.layers)
+            self.stream.flush()
 
 
 def _registry_errors(command):  # type: ignore[no-untyped-def]
@@ -89,7 +117,7 @@ def containerize(ref: str, base: str | None, output: str | None, archive: str | 
     from ..builders.containerize import containerize as build
 
     result = build(ref, base=base, output=output, archive=archive, tag=tag, insecure_base=insecure,
-                   progress=lambda line: click.echo(line, err=as_json))
+                   progress=_Steps(sys.stderr if as_json else sys.stdout))
     document: dict[str, Any] = {
         "reference": result.reference, "layout": str(result.layout), "tag": result.tag,
         "digest": result.manifest_digest, "config_digest": result.config_digest,
