@@ -1,5 +1,6 @@
-"""The README's image section, followed as a newcomer follows it: its commands are read from README.md and run
-in bash, then the pushed image is pulled back, run with runc and asked for a prediction.
+"""The README's image section, followed as a newcomer follows it: the quickstart served and asked for a
+prediction, then the section's commands read from README.md and run in bash (build, containerize, push), then
+the pushed image pulled back, run with runc and asked for the same prediction.
 
 Two substitutions, both for the test's own isolation: the session's registry (a free port) stands in for the one
 the README starts on 127.0.0.1:5000, and the base that `pkg base create --python 3.11` made for the session (the
@@ -58,6 +59,15 @@ def test_readme_image_section_from_base_to_prediction(python_base_layout, regist
     scripts = Path(sys.executable).parent
     env["PATH"] = f"{scripts}{os.pathsep}{env.get('PATH', '')}"  # `pkg`, as pip installed it
     assert shutil.which("pkg", path=env["PATH"]), "the pkg console script is not installed"
+    # the README's quickstart first: `cd examples/quickstart && pkg serve service.py:Demo`, asked for a prediction
+    port = free_port()
+    serving = subprocess.Popen(["pkg", "serve", "service.py:Demo", "--port", str(port)], cwd=REPO / "examples" /
+                               "quickstart", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert _predict(port, 60)[0] > 0.9
+    finally:
+        serving.terminate()
+        assert serving.wait(30) == 0
     result = subprocess.run(["bash", "-euo", "pipefail", "-c", "\n".join(followed)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
@@ -77,7 +87,13 @@ def test_readme_image_section_from_base_to_prediction(python_base_layout, regist
 
     port = free_port()
     run_image(str(pulled), "v1", env={"BENTO_LIKE_PORT": str(port)})
-    deadline = time.monotonic() + 90
+    probabilities = _predict(port, 90)
+    assert abs(sum(probabilities) - 1) < 1e-3 and probabilities[0] > 0.9  # a setosa, as the README says
+
+
+def _predict(port: int, within: float) -> list[float]:
+    """The README's prediction (a setosa's measurements) once the server on `port` is ready."""
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
@@ -87,5 +103,4 @@ def test_readme_image_section_from_base_to_prediction(python_base_layout, regist
         time.sleep(0.25)
     answer = httpx.post(f"http://127.0.0.1:{port}/predict", json={"x": [[5.1, 3.5, 1.4, 0.2]]}, timeout=10)
     assert answer.status_code == 200, answer.text
-    probabilities = answer.json()[0]
-    assert abs(sum(probabilities) - 1) < 1e-3 and probabilities[0] > 0.9  # a setosa, as the README says
+    return answer.json()[0]
