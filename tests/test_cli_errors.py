@@ -61,6 +61,8 @@ MISTAKES = [
     (["serve", "classifer:latest"], "'classifer:latest' is neither a bento (no bento 'classifer:latest'; did you mean "
                                     "classifier:latest?", 1),
     (["get", "classifer"], "no bento 'classifer'; did you mean classifier:latest?", 1),
+    (["serve", "app/service.py:Clasifier"], "'app/service.py' has no attribute 'Clasifier'; did you mean "
+                                            "app/service.py:Classifier?", 1),
     (["containerize", "classifier:latest", "--base", "oci-archive:nowhere/python3.tar"],
      "base image oci-archive:nowhere/python3.tar: the OCI archive nowhere/python3.tar does not exist", 1),
     (["export", "classifier:latest", "no-such-folder/classifier.tar"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import os
@@ -47,7 +48,11 @@ def load_service(target: str, working_dir: str | os.PathLike[str] | None = None)
             for part in attr.split("."):
                 obj = getattr(obj, part)
         except AttributeError:
-            raise ServiceDefinitionError(f"{module_part!r} has no attribute {attr!r}") from None
+            services = sorted(v.__name__ for v in vars(module).values() if get_spec_or_none(v) is not None)
+            close = difflib.get_close_matches(attr, services, n=1)
+            hint = (f"; did you mean {module_part}:{close[0]}?" if close
+                    else f"; its services: {', '.join(services)}" if services else "")
+            raise ServiceDefinitionError(f"{module_part!r} has no attribute {attr!r}{hint}") from None
         return get_spec(obj)
     found = [v for v in vars(module).values() if get_spec_or_none(v) is not None and v.__module__ == module.__name__]
     if len(found) != 1:
