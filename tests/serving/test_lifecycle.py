@@ -45,7 +45,8 @@ def test_sigterm_finishes_in_flight_requests_runs_shutdown_hooks_and_exits_0(sta
     hooks = tmp_path / "hooks.log"
     server = start_server("full.py:Full", cwd=SERVICES, env={"HOOK_LOG": str(hooks)})
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(httpx.post, server.url + "/slow", json={"seconds": 2.0}, timeout=10) for _ in range(3)]
+        # 1.5 s: long enough to be in flight at the signal, well under the service's 2 s deadline (2.0 raced it)
+        futures = [pool.submit(httpx.post, server.url + "/slow", json={"seconds": 1.5}, timeout=10) for _ in range(3)]
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # all three in flight (a fixed sleep lost one on a busy machine)
             if 'bento_like_requests_in_flight{api="slow"} 3' in httpx.get(server.url + "/metrics", timeout=5).text:
