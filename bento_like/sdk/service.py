@@ -8,6 +8,7 @@ placing them on devices and serving them is the runtime's job.
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
@@ -221,15 +222,37 @@ def _unknown(svc_name: str, what: str, given: dict[str, Any], allowed: set[str])
         )
 
 
+# Kubernetes quantities, as resources are written in manifests (and in BentoML services): "200m", "2Gi", "1e9".
+_CPU = re.compile(r"(?P<number>\d+(?:\.\d+)?|\.\d+)(?P<milli>m?)")
+_MEMORY = re.compile(r"(?:\d+(?:\.\d+)?|\.\d+)(?:[eE]\d+|[KMGTPE]i|[kMGTPE]|m)?")
+
+
 def _resources(svc_name: str, given: dict[str, Any]) -> Resources:
     _unknown(svc_name, "resources", given, RESOURCE_KEYS)
     gpu = given.get("gpu", 0)
-    if not isinstance(gpu, int) or gpu < 0:
-        raise ServiceDefinitionError(f"service {svc_name!r}: resources.gpu must be an int >= 0, got {gpu!r}")
+    if isinstance(gpu, str) and gpu.strip().isdigit():
+        gpu = int(gpu)
+    if not isinstance(gpu, int) or isinstance(gpu, bool) or gpu < 0:
+        raise ServiceDefinitionError(
+            f"service {svc_name!r}: resources.gpu must be a whole number of GPUs >= 0 (1 or \"1\"), got {gpu!r}")
     cpu = given.get("cpu")
-    if cpu is not None and (not isinstance(cpu, (int, float)) or cpu <= 0):
+    if isinstance(cpu, str):
+        match = _CPU.fullmatch(cpu.strip())
+        if match is None:
+            raise ServiceDefinitionError(
+                f"service {svc_name!r}: resources.cpu must be a number of cores or a quantity such as \"500m\" "
+                f"or \"2\", got {cpu!r}")
+        cpu = float(match["number"]) / (1000 if match["milli"] else 1)
+    if cpu is not None and (not isinstance(cpu, (int, float)) or isinstance(cpu, bool) or cpu <= 0):
         raise ServiceDefinitionError(f"service {svc_name!r}: resources.cpu must be a number > 0, got {cpu!r}")
-    return Resources(cpu=cpu, memory=given.get("memory"), gpu=gpu, gpu_type=given.get("gpu_type"))
+    memory = given.get("memory")
+    if isinstance(memory, int) and not isinstance(memory, bool) and memory > 0:
+        memory = str(memory)  # bytes, as Kubernetes reads a bare number
+    if memory is not None and (not isinstance(memory, str) or not _MEMORY.fullmatch(memory.strip())):
+        raise ServiceDefinitionError(
+            f"service {svc_name!r}: resources.memory must be bytes or a quantity such as \"512Mi\" or \"2Gi\", "
+            f"got {memory!r}")
+    return Resources(cpu=cpu, memory=memory.strip() if memory else None, gpu=gpu, gpu_type=given.get("gpu_type"))
 
 
 def _traffic(svc_name: str, given: dict[str, Any]) -> Traffic:

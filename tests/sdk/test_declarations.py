@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import re
+
 import pytest
 
 import bento_like as bl
@@ -144,3 +146,37 @@ def test_unresolvable_annotation_fails_at_load(tmp_path: Path) -> None:
     spec = load_service("fwd.py:S", tmp_path)
     with pytest.raises(bl.ServiceDefinitionError, match="API 'f': cannot resolve its type annotations.*Missing"):
         create_app(spec)
+
+
+@pytest.mark.parametrize("given, cpu, memory, gpu", [
+    ({"cpu": "200m", "memory": "2Gi", "gpu": "1"}, 0.2, "2Gi", 1),  # as Kubernetes (and BentoML) write them
+    ({"cpu": "2", "memory": "512M"}, 2.0, "512M", 0),
+    ({"cpu": 1.5, "memory": 1073741824}, 1.5, "1073741824", 0),
+    ({"cpu": ".5", "memory": "1e9", "gpu": 2}, 0.5, "1e9", 2),
+])
+def test_resources_take_numbers_and_kubernetes_quantities(given: dict, cpu: float, memory: str, gpu: int) -> None:
+    @bl.service(resources=given)
+    class Svc:
+        @bl.api
+        def f(self, x: int) -> int:
+            return x
+
+    resources = get_spec(Svc).resources
+    assert (resources.cpu, resources.memory, resources.gpu) == (cpu, memory, gpu)
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"cpu": "two"}, "resources.cpu must be a number of cores or a quantity such as \"500m\""),
+    ({"cpu": "0m"}, "resources.cpu must be a number > 0, got 0.0"),
+    ({"gpu": "0.5"}, "resources.gpu must be a whole number of GPUs >= 0"),
+    ({"gpu": True}, "resources.gpu must be a whole number of GPUs >= 0"),
+    ({"memory": "2 gigs"}, "resources.memory must be bytes or a quantity such as \"512Mi\""),
+    ({"memory": "2GB"}, "resources.memory must be bytes or a quantity"),
+])
+def test_a_resource_it_cannot_read_is_refused_naming_it(given: dict, message: str) -> None:
+    with pytest.raises(bl.ServiceDefinitionError, match=re.escape(message)):
+        @bl.service(resources=given)
+        class Svc:
+            @bl.api
+            def f(self, x: int) -> int:
+                return x
