@@ -59,17 +59,17 @@ def ways_out(python_version: str) -> str:
 def check_base(base: BaseImage, python_version: str, platform: str, cache_dir: Path | None = None) -> str:
     """The base's Python (`3.11`), after checking that it is the bento's: a registry base is pulled into the
     cache first. Raises BaseImageError naming the base and the problem."""
+    from .registry import RegistryError
+
     name = base.location if base.kind == "registry" else f"{'oci' if base.kind == 'layout' else 'oci-archive'}:{base.location}"
     with tempfile.TemporaryDirectory(prefix="bento_like-base-") as scratch:
         try:
             layout, tag, _ = open_base(base, Path(scratch), cache_dir or default_cache_dir() / "layers", platform)
-            _, manifest = layout.image_manifest(tag, platform)
-            check_base_platform(json.loads(layout.read_blob(manifest["config"]["digest"])), platform, name)
-        except ImageError:
-            raise
-        except Exception as exc:  # the registry client's errors: unreachable, refused, unknown image
+        except (RegistryError, OSError, tarfile.TarError) as exc:  # unreachable, refused, unknown, unreadable
             reason = str(exc) or type(exc).__name__
             raise BaseImageError(f"base image {name} can't be pulled ({reason}); {ways_out(python_version)}") from None
+        _, manifest = layout.image_manifest(tag, platform)
+        check_base_platform(json.loads(layout.read_blob(manifest["config"]["digest"])), platform, name)
         found: set[str] = set()
         for layer in manifest["layers"]:
             found |= _pythons(layout.blob_path(layer["digest"]))

@@ -42,19 +42,20 @@ def load_service(target: str, working_dir: str | os.PathLike[str] | None = None)
             raise
         except Exception as exc:
             raise ServiceDefinitionError(_import_failure(module_part, exc, base)) from exc
+    services = [v for v in vars(module).values() if get_spec_or_none(v) is not None]
     if attr:
         try:
             obj = module
             for part in attr.split("."):
                 obj = getattr(obj, part)
         except AttributeError:
-            services = sorted(v.__name__ for v in vars(module).values() if get_spec_or_none(v) is not None)
-            close = difflib.get_close_matches(attr, services, n=1)
+            names = sorted(v.__name__ for v in services)
+            close = difflib.get_close_matches(attr, names, n=1)
             hint = (f"; did you mean {module_part}:{close[0]}?" if close
-                    else f"; its services: {', '.join(services)}" if services else "")
+                    else f"; its services: {', '.join(names)}" if names else "")
             raise ServiceDefinitionError(f"{module_part!r} has no attribute {attr!r}{hint}") from None
         return get_spec(obj)
-    found = [v for v in vars(module).values() if get_spec_or_none(v) is not None and v.__module__ == module.__name__]
+    found = [v for v in services if v.__module__ == module.__name__]
     if len(found) != 1:
         names = ", ".join(sorted(v.__name__ for v in found)) or "none"
         raise ServiceDefinitionError(
