@@ -9,12 +9,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .sdk import (
+    Context,
+    Cookie,
     DType,
     File,
     ServiceDefinitionError,
     Shape,
     api,
+    asgi_app,
     depends,
+    get_current_service,
+    mount_asgi_app,
+    on_deployment,
     on_shutdown,
     on_startup,
     service,
@@ -24,30 +30,46 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncClient",
+    "AsyncHTTPClient",
     "Client",
+    "Context",
+    "Cookie",
     "DType",
     "File",
     "ServiceDefinitionError",
     "Shape",
+    "SyncHTTPClient",
     "api",
+    "asgi_app",
     "depends",
+    "get_current_service",
     "model",
     "models",
+    "mount_asgi_app",
+    "on_deployment",
     "on_shutdown",
     "on_startup",
     "opt",
     "service",
+    "validators",
 ]
 
 if TYPE_CHECKING:
     from . import models
     from .sdk import opt
+    from . import validators
     from .client import AsyncClient, Client
+    from .client import AsyncClient as AsyncHTTPClient
+    from .client import Client as SyncHTTPClient
     from .sdk.model_ref import model
 
 _LAZY = {
     "Client": ("bento_like.client", "Client"),
     "AsyncClient": ("bento_like.client", "AsyncClient"),
+    # BentoML's names for the same clients
+    "SyncHTTPClient": ("bento_like.client", "Client"),
+    "AsyncHTTPClient": ("bento_like.client", "AsyncClient"),
+    "validators": ("bento_like.validators", None),
     "model": ("bento_like.sdk.model_ref", "model"),
     "models": ("bento_like.models", None),
     "opt": ("bento_like.sdk.opt", None),

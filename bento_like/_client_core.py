@@ -93,6 +93,7 @@ class APIInfo:
     output: str
     summary: str | None = None
     batchable: bool = False
+    method: str = "POST"
 
     @property
     def raw_input(self) -> str | None:
@@ -111,10 +112,15 @@ def parse_openapi(doc: Any) -> tuple[str, dict[str, APIInfo]]:
     service = str((doc.get("info") or {}).get("title") or "service")
     apis: dict[str, APIInfo] = {}
     for route, operations in doc["paths"].items():
-        post = operations.get("post") if isinstance(operations, dict) else None
-        ext = post.get(API_EXTENSION) if isinstance(post, dict) else None
-        if not isinstance(ext, dict):
+        post = None
+        for method in ("post", "get"):
+            operation = operations.get(method) if isinstance(operations, dict) else None
+            if isinstance(operation, dict) and isinstance(operation.get(API_EXTENSION), dict):
+                post = operation
+                break
+        if post is None:
             continue
+        ext = post[API_EXTENSION]
         apis[ext["name"]] = APIInfo(
             name=ext["name"],
             route=route,
@@ -123,6 +129,7 @@ def parse_openapi(doc: Any) -> tuple[str, dict[str, APIInfo]]:
             output=ext.get("output") or "json",
             summary=post.get("summary"),
             batchable=bool(ext.get("batchable", False)),
+            method=str(ext.get("method") or "POST").upper(),
         )
     return service, apis
 
@@ -186,6 +193,9 @@ def _enc_hook(obj: Any) -> Any:
         return obj.item()
     if isinstance(obj, File):
         return base64.b64encode(obj.data).decode()
+    dump = getattr(obj, "model_dump", None)  # a Pydantic model, sent as its JSON form
+    if callable(dump) and hasattr(type(obj), "model_fields"):
+        return dump(mode="json")
     raise NotImplementedError(f"cannot send an object of type {type(obj).__name__} as JSON")
 
 
@@ -207,10 +217,21 @@ class EncodedRequest:
     content: bytes | None = None
     data: dict[str, str] | None = None
     files: dict[str, tuple[str, bytes, str]] | None = None
+    params: dict[str, str] | None = None  # a GET API's inputs, as query parameters
 
 
 def encode_request(api: APIInfo, arguments: dict[str, Any]) -> EncodedRequest:
-    """A raw body for a lone bytes/File input, multipart when files travel with form values, JSON otherwise."""
+    """A raw body for a lone bytes/File input, multipart when files travel with form values, JSON otherwise;
+    query parameters for a GET API."""
+    if api.method == "GET":
+        params = {}
+        for name, value in arguments.items():
+            text = _form_value(api.inputs[name], value)
+            if text is None:
+                raise TypeError(f"{api.name}(): {name!r} is sent as a query parameter and must be a scalar, "
+                                f"not {type(value).__name__}")
+            params[name] = text
+        return EncodedRequest(headers={}, params=params)
     binaries = {name: _as_file(api.name, name, value) for name, value in arguments.items() if api.inputs[name] in _BINARY_KINDS}
     raw = api.raw_input
     if raw is not None and raw in binaries:
@@ -457,7 +478,7 @@ class APIMethod:
         self.__name__ = self.__qualname__ = api.name
         self.__signature__ = api_signature(api, timeout_option="timeout" not in api.inputs)
         inputs = ", ".join(f"{name} ({kind})" for name, kind in api.inputs.items()) or "none"
-        self.__doc__ = f"{api.summary or ''}\n\nPOST {api.route}; inputs: {inputs}; returns: {api.output}.".lstrip()
+        self.__doc__ = f"{api.summary or ''}\n\n{api.method} {api.route}; inputs: {inputs}; returns: {api.output}.".lstrip()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._client.call(self.api.name, *args, **kwargs)

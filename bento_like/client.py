@@ -51,8 +51,10 @@ __all__ = [
     "APITimeoutError",
     "AsyncClient",
     "AsyncEventStream",
+    "AsyncTextStream",
     "Client",
     "EventStream",
+    "TextStream",
 ]
 
 # Users import the errors and APIInfo from here; tracebacks and reprs should say so.
@@ -179,6 +181,7 @@ class _BaseClient(Generic[H]):
             content=encoded.content,
             data=encoded.data,
             files=encoded.files,
+            params=encoded.params,
             timeout=httpx.Timeout(timeout),
         )
 
@@ -235,8 +238,10 @@ class Client(_BaseClient[httpx.Client]):
         api = self._api_info(self._loaded_apis(), name)
         encoded, timeout = self._prepare(api, args, kwargs)
         if api.output == "stream":
-            return EventStream(api, self._send("POST", api.route, encoded, timeout, stream=True, api=api.name))
-        response = self._send("POST", api.route, encoded, timeout, api=api.name)
+            return EventStream(api, self._send(api.method, api.route, encoded, timeout, stream=True, api=api.name))
+        if api.output == "text_stream":
+            return TextStream(api, self._send(api.method, api.route, encoded, timeout, stream=True, api=api.name))
+        response = self._send(api.method, api.route, encoded, timeout, api=api.name)
         return decode_body(api, response.headers.get("content-type"), response.content)
 
     def load_schema(self) -> dict[str, APIInfo]:
@@ -348,8 +353,10 @@ class AsyncClient(_BaseClient[httpx.AsyncClient]):
         api = self._api_info(await self._start(), name)
         encoded, timeout = self._prepare(api, args, kwargs)
         if api.output == "stream":
-            return AsyncEventStream(api, await self._send("POST", api.route, encoded, timeout, stream=True, api=api.name))
-        response = await self._send("POST", api.route, encoded, timeout, api=api.name)
+            return AsyncEventStream(api, await self._send(api.method, api.route, encoded, timeout, stream=True, api=api.name))
+        if api.output == "text_stream":
+            return AsyncTextStream(api, await self._send(api.method, api.route, encoded, timeout, stream=True, api=api.name))
+        response = await self._send(api.method, api.route, encoded, timeout, api=api.name)
         return decode_body(api, response.headers.get("content-type"), response.content)
 
     async def load_schema(self) -> dict[str, APIInfo]:
@@ -532,3 +539,74 @@ class AsyncEventStream:
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.close()
 
+
+class TextStream:
+    """The text of a streaming API that yields ``str``, as it arrives: iterate it for chunks of text (how the
+    network cut them, not necessarily what the API yielded one by one), or ``"".join(stream)`` for the whole."""
+
+    def __init__(self, api: APIInfo, response: httpx.Response) -> None:
+        self.api = api
+        self._response = response
+        self._chunks = self._iterate()
+
+    def _iterate(self) -> Iterator[str]:
+        try:
+            yield from self._response.iter_text()
+        except httpx.TimeoutException as exc:
+            raise APITimeoutError(f"the stream of API {self.api.name!r} stalled past the timeout") from exc
+        except httpx.TransportError as exc:
+            raise APIConnectionError(f"the stream of API {self.api.name!r} broke: {exc}") from exc
+        finally:
+            self._response.close()
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        self._chunks.close()
+        self._response.close()
+
+    def __enter__(self) -> TextStream:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+class AsyncTextStream:
+    """The async twin of `TextStream`: ``async for chunk in await client.generate(...)``."""
+
+    def __init__(self, api: APIInfo, response: httpx.Response) -> None:
+        self.api = api
+        self._response = response
+        self._chunks = self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[str]:
+        try:
+            async for chunk in self._response.aiter_text():
+                yield chunk
+        except httpx.TimeoutException as exc:
+            raise APITimeoutError(f"the stream of API {self.api.name!r} stalled past the timeout") from exc
+        except httpx.TransportError as exc:
+            raise APIConnectionError(f"the stream of API {self.api.name!r} broke: {exc}") from exc
+        finally:
+            await self._response.aclose()
+
+    def __aiter__(self) -> AsyncTextStream:
+        return self
+
+    async def __anext__(self) -> str:
+        return await self._chunks.__anext__()
+
+    async def close(self) -> None:
+        await self._chunks.aclose()
+        await self._response.aclose()
+
+    async def __aenter__(self) -> AsyncTextStream:
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()

@@ -8,6 +8,7 @@ or the builders, so ``pkg build`` describes a service without the server that wi
 
 from __future__ import annotations
 
+import collections.abc
 import inspect
 import re
 import typing
@@ -18,6 +19,15 @@ import msgspec
 import msgspec.inspect
 import numpy as np
 
+from ._constraints import (
+    NeedsPydantic,
+    field_default,
+    for_msgspec,
+    is_field_info,
+    is_pydantic_model,
+    pydantic,
+    pydantic_schema,
+)
 from .sdk.api import APIConfig, ServiceDefinitionError
 from .sdk.io import ArraySpec, File, array_spec
 from .sdk.service import ServiceSpec
@@ -36,17 +46,25 @@ class Parameter:
     array: ArraySpec | None  # set for array inputs: the dtype and shape they must have
     required: bool
     default: Any = None  # the default of an input that is not required
+    decoded_as: Any = None  # the type msgspec decodes it as, when not the annotation (constraints rewritten)
+    pydantic: bool = False  # validated by Pydantic after decoding (msgspec decodes it as any JSON value)
 
     @property
     def field_type(self) -> Any:
         """The type the input Struct decodes it as: an array as np.ndarray, checked against ``array`` after."""
-        return np.ndarray if self.array is not None else self.annotation
+        if self.array is not None:
+            return np.ndarray
+        if self.pydantic:
+            return Any
+        return self.annotation if self.decoded_as is None else self.decoded_as
 
     @property
     def json_in_form(self) -> bool:
         """Whether a multipart form carries this input as JSON text: arrays, Structs, dicts, lists and the like,
         which a form field's plain text cannot hold. Text, numbers and booleans travel as their own text."""
-        return self.array is not None or (self.kind == "json" and _is_container(self.annotation))
+        if self.pydantic:
+            return _pydantic_container(self.annotation)
+        return self.array is not None or (self.kind == "json" and _is_container(self.field_type))
 
 
 @dataclass(frozen=True)
@@ -66,7 +84,7 @@ class APIDescription:
     params: tuple[Parameter, ...]
     input_struct: type[msgspec.Struct]  # a JSON body (or form) decodes into it, validated in one pass
     output: Any  # the return annotation; Any when there is none
-    output_kind: str  # "json", "ndarray", "bytes", "file", "str", or "stream" for a generator
+    output_kind: str  # "json", "ndarray", "bytes", "file", "str"; "stream" (events), "text_stream" (of str)
     output_form: str | None  # "array", "tuple" or "dict" when the annotation declares its parts, else None
     output_parts: tuple[OutputPart, ...]  # in the order the result holds them
     summary: str | None  # the first sentence of the docstring
@@ -94,6 +112,7 @@ class APIDescription:
             "required": [p.name for p in self.params if p.required],
             "output": self.output_kind,
             "batchable": self.config.batchable,
+            **({"method": self.config.method} if self.config.method != "POST" else {}),
             "max_batch_size": self.config.max_batch_size,
             "max_latency_ms": self.config.max_latency_ms,
         }
@@ -115,15 +134,10 @@ def describe_api(func: Callable[..., Any], config: APIConfig) -> APIDescription:
     except Exception as exc:  # an unresolvable forward reference, named by the exception
         raise ServiceDefinitionError(f"API {config.name!r}: cannot resolve its type annotations: {exc}") from exc
     signature = inspect.signature(func)
-    params = []
-    for name in config.params:
-        default = signature.parameters[name].default
-        annotation = hints.get(name, Any)
-        spec = array_spec(annotation)
-        required = default is inspect.Parameter.empty
-        params.append(
-            Parameter(name, annotation, _kind(annotation, spec), spec, required, None if required else default)
-        )
+    params = [_parameter(config.name, name, hints.get(name, Any), signature.parameters[name].default)
+              for name in config.params]
+    if config.method == "GET":
+        _check_query_inputs(config.name, params)
     output = hints.get("return", Any)
     streams = inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func)
     form, parts = _output_parts(output)
@@ -132,7 +146,7 @@ def describe_api(func: Callable[..., Any], config: APIConfig) -> APIDescription:
         params=tuple(params),
         input_struct=_input_struct(config.name, params),
         output=output,
-        output_kind="stream" if streams else _kind(output, array_spec(output)),
+        output_kind=("text_stream" if _yields_text(output) else "stream") if streams else _kind(output, array_spec(output)),
         output_form=form,
         output_parts=parts,
         summary=_summary(func.__doc__),
@@ -159,6 +173,72 @@ def _is_container(annotation: Any) -> bool:
     members = tuple(m.type if isinstance(m, msgspec.inspect.Metadata) else m for m in members)
     containers = any(isinstance(m, _CONTAINER_TYPES) for m in members)
     return containers and not any(isinstance(m, _TEXT_TYPES) for m in members)
+
+
+def _parameter(api_name: str, name: str, annotation: Any, default: Any) -> Parameter:
+    """One input, with its constraints made enforceable: by msgspec where it can, else by Pydantic."""
+    if is_field_info(default):  # `x: float = pydantic.Field(1.0, le=2)`
+        info, default, required = field_default(default)
+        annotation = typing.Annotated[annotation, info]
+    else:
+        required = default is inspect.Parameter.empty
+        default = None if required else default
+    spec = array_spec(annotation)
+    kind = _kind(annotation, spec)
+    if spec is not None:
+        return Parameter(name, annotation, kind, spec, required, default)
+    try:
+        decoded_as = for_msgspec(annotation)
+    except NeedsPydantic as why:
+        if pydantic() is None:
+            raise ServiceDefinitionError(
+                f"API {api_name!r}: input {name!r} declares {why}, which only Pydantic validates, and pydantic is "
+                "not installed: pip install pydantic, or write the constraint as msgspec.Meta(...)"
+            ) from None
+        return Parameter(name, annotation, kind, None, required, default, pydantic=True)
+    return Parameter(name, annotation, kind, None, required, default, None if decoded_as is annotation else decoded_as)
+
+
+_QUERY_TYPES = (msgspec.inspect.StrType, msgspec.inspect.IntType, msgspec.inspect.FloatType, msgspec.inspect.BoolType,
+                msgspec.inspect.LiteralType, msgspec.inspect.EnumType, msgspec.inspect.NoneType)
+
+
+def _check_query_inputs(api_name: str, params: list[Parameter]) -> None:
+    """A GET API's inputs arrive as query parameters, which hold text: each must be a scalar."""
+    for p in params:
+        try:
+            info = msgspec.inspect.type_info(Any if p.pydantic else p.field_type)
+        except (TypeError, ValueError):
+            info = None
+        if isinstance(info, msgspec.inspect.Metadata):
+            info = info.type
+        members = info.types if isinstance(info, msgspec.inspect.UnionType) else (info,)
+        if p.pydantic or p.array is not None or not all(isinstance(m, _QUERY_TYPES) for m in members):
+            raise ServiceDefinitionError(
+                f"GET API {api_name!r}: input {p.name!r} is not a scalar (str, int, float, bool, a Literal or an "
+                "Enum), and a query parameter holds only text; use method='POST' for structured inputs"
+            )
+
+
+def _pydantic_container(annotation: Any) -> bool:
+    """Whether a Pydantic-validated input's values are JSON objects or arrays (a model, a list...)."""
+    while typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if is_pydantic_model(annotation):
+        return True
+    return typing.get_origin(annotation) in (list, dict, tuple, set, frozenset) or _is_container(annotation)
+
+
+_ITERATORS = (
+    collections.abc.Generator, collections.abc.Iterator, collections.abc.Iterable,
+    collections.abc.AsyncGenerator, collections.abc.AsyncIterator, collections.abc.AsyncIterable,
+)
+
+
+def _yields_text(annotation: Any) -> bool:
+    """A generator annotated to yield ``str`` streams plain text chunks; any other item type streams events."""
+    args = typing.get_args(annotation)
+    return typing.get_origin(annotation) in _ITERATORS and bool(args) and args[0] is str
 
 
 def _kind(annotation: Any, spec: ArraySpec | None) -> str:
@@ -249,6 +329,13 @@ def openapi_document(service_name: str, version: str, descriptions: list[APIDesc
         for p in d.params:
             if p.array is not None and (p.array.shape or p.array.dtype):
                 components[d.input_struct.__name__]["properties"][p.name] = _array_schema(p.array)
+            elif p.pydantic:
+                schema, defs = pydantic_schema(p.annotation)
+                components[d.input_struct.__name__]["properties"][p.name] = schema
+                components.update(defs)
+        if _validated_by_pydantic(d.output):
+            schemas_for[len(descriptions) + i], defs = pydantic_schema(d.output)
+            components.update(defs)
         content: dict[str, Any] = {"application/json": {"schema": input_schema}}
         if d.params:
             content["multipart/form-data"] = {"schema": input_schema}
@@ -260,14 +347,21 @@ def openapi_document(service_name: str, version: str, descriptions: list[APIDesc
         operation: dict[str, Any] = {"operationId": d.name}
         if d.summary is not None:
             operation["summary"] = d.summary
-        operation["requestBody"] = {"required": any(p.required for p in d.params), "content": content}
+        if d.config.method == "GET":
+            properties = components[d.input_struct.__name__].get("properties", {})
+            operation["parameters"] = [
+                {"name": p.name, "in": "query", "required": p.required, "schema": properties.get(p.name, {})}
+                for p in d.params
+            ]
+        else:
+            operation["requestBody"] = {"required": any(p.required for p in d.params), "content": content}
         output_schema = schemas_for[len(descriptions) + i]
         operation["responses"] = {
             "200": {"description": "Result", "content": _output_content(d.output_kind, output_schema)},
             **{status: _error_response(text) for status, text in _ERROR_STATUSES.items()},
         }
         operation[API_EXTENSION] = d.extension()
-        paths[d.route] = {"post": operation}
+        paths[d.route] = {d.config.method.lower(): operation}
     for path, summary in (("/livez", "Alive"), ("/readyz", "Ready to serve"), ("/metrics", "Prometheus metrics")):
         paths[path] = {"get": {"summary": summary, "responses": {"200": {"description": "OK"}}}}
     return {
@@ -276,6 +370,17 @@ def openapi_document(service_name: str, version: str, descriptions: list[APIDesc
         "paths": paths,
         "components": {"schemas": components},
     }
+
+
+def _validated_by_pydantic(tp: Any) -> bool:
+    """Whether only Pydantic can describe ``tp`` (a model, or a type holding one)."""
+    try:
+        for_msgspec(tp)
+    except NeedsPydantic:
+        return pydantic() is not None
+    except ServiceDefinitionError:
+        return False
+    return False
 
 
 def _error_response(text: str) -> dict[str, Any]:
@@ -328,6 +433,8 @@ def _describable(tp: Any) -> bool:
 
 
 def _output_content(kind: str, schema: dict[str, Any]) -> dict[str, Any]:
+    if kind == "text_stream":
+        return {"text/plain": {"schema": {"type": "string"}}}
     if kind == "stream":
         return {"text/event-stream": {"schema": {"type": "string"}}}
     if kind in ("bytes", "file"):

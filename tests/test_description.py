@@ -82,7 +82,7 @@ def test_each_api_is_described_once_in_declaration_order() -> None:
     ]
     assert msgspec.json.decode(b'{"item": {"text": "a"}}', type=tag.input_struct).count == 1
     assert upload.raw_input is upload.params[0] and upload.output_kind == "bytes" and tag.raw_input is None
-    assert count.output_kind == "stream" and count.summary is None
+    assert count.output_kind == "text_stream" and count.summary is None  # it yields str: plain text
 
 
 def test_output_parts_name_the_arrays_a_result_holds() -> None:

@@ -29,10 +29,13 @@ from ._errors import (
 from ._manifest import FileEntry, ModelInfo, Signature, TensorSpec, parse_tag
 from ._registry import register_adapter
 from ._store import Model, ModelStore, default_store, home
+from ..sdk.model_ref import BentoModel, HuggingFaceModel  # BentoML's names, as a port writes them
 
 __all__ = [
     "Adapter",
     "AdapterError",
+    "BentoModel",
+    "HuggingFaceModel",
     "FileEntry",
     "IntegrityError",
     "InvalidTagError",

@@ -102,6 +102,13 @@ class Model:
             raise IntegrityError(f"{self.tag}: files not in the manifest: {extra} ({self.path})")
         verify_files(self.path, self.info.files, self.info.chunk_size, self.tag)
 
+    def path_of(self, item: str) -> str:
+        """The path of a file inside this model's directory (BentoML's name); ValueError for a path that leaves it."""
+        target = (self.path / item).resolve()
+        if not target.is_relative_to(self.path.resolve()):
+            raise ValueError(f"{self.tag}: {item!r} is outside the model's directory")
+        return str(target)
+
     def load(self, device: str = "cpu", *, verify: bool = True, **options: Any) -> Any:
         """The model object, on `device`, as its framework's adapter builds it; options go to the adapter
         (e.g. `form="exported"` for torch, `session_options=` for ONNX)."""

@@ -1,13 +1,18 @@
 """Declarations: what a service is, never how it runs. Importing this starts nothing and imports no framework."""
 
 from .api import APIConfig, ServiceDefinitionError, api
+from .context import Context, Cookie
 from .io import DType, File, Shape
 from .service import (
     Resources,
     ServiceSpec,
     Traffic,
+    asgi_app,
     depends,
+    get_current_service,
     get_spec,
+    mount_asgi_app,
+    on_deployment,
     on_shutdown,
     on_startup,
     service,
@@ -15,6 +20,8 @@ from .service import (
 
 __all__ = [
     "APIConfig",
+    "Context",
+    "Cookie",
     "DType",
     "File",
     "Resources",
@@ -23,8 +30,12 @@ __all__ = [
     "Shape",
     "Traffic",
     "api",
+    "asgi_app",
     "depends",
+    "get_current_service",
     "get_spec",
+    "mount_asgi_app",
+    "on_deployment",
     "on_shutdown",
     "on_startup",
     "service",

@@ -10,6 +10,8 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, TypeVar, Union, overload
 
+from .context import is_context_annotation
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 API_ATTR = "__bento_api__"
@@ -38,6 +40,8 @@ class APIConfig:
     params: tuple[str, ...] = field(default=())
     warmup: bool | dict[str, Any] = field(default=False, hash=False)
     warmup_timeout: float = DEFAULT_WARMUP_TIMEOUT
+    context: str | None = None  # the parameter annotated bl.Context, which the runtime fills per request
+    method: str = "POST"  # GET: inputs arrive as query parameters
 
     @property
     def input_batch_dim(self) -> int:
@@ -64,6 +68,7 @@ def api(
     preferred_batch_sizes: list[int] | tuple[int, ...] | None = None,
     warmup: Warmup = False,
     warmup_timeout: float = DEFAULT_WARMUP_TIMEOUT,
+    method: str = "POST",
 ) -> Callable[[F], F]: ...
 
 
@@ -79,6 +84,7 @@ def api(
     preferred_batch_sizes: list[int] | tuple[int, ...] | None = None,
     warmup: Warmup = False,
     warmup_timeout: float = DEFAULT_WARMUP_TIMEOUT,
+    method: str = "POST",
 ) -> Any:
     """Expose a service method as ``POST /<route>``.
 
@@ -98,7 +104,13 @@ def api(
         if not callable(f) or isinstance(f, (staticmethod, classmethod)):
             raise ServiceDefinitionError("@api decorates a plain method of a service class (def or async def)")
         api_name = name or f.__name__
-        params = _api_params(f, api_name)
+        params, context = _api_params(f, api_name)
+        if context is not None and batchable:
+            raise ServiceDefinitionError(
+                f"batchable API {api_name!r} takes a request context ({context!r}), but a batch serves many "
+                "requests at once: drop the context parameter, or set batchable=False"
+            )
+        http_method = _http_method(api_name, method, batchable, f)
         if batchable and len(params) != 1:
             raise ServiceDefinitionError(
                 f"batchable API {api_name!r} takes {len(params)} parameters ({', '.join(params) or 'none'}); "
@@ -139,6 +151,8 @@ def api(
                 params=params,
                 warmup=example,
                 warmup_timeout=float(warmup_timeout),
+                context=context,
+                method=http_method,
             ),
         )
         return f
@@ -148,12 +162,21 @@ def api(
     return decorate
 
 
-def _api_params(f: Callable[..., Any], api_name: str) -> tuple[str, ...]:
+def _api_params(f: Callable[..., Any], api_name: str) -> tuple[tuple[str, ...], str | None]:
+    """The names of the API's inputs, and of its request-context parameter if it has one."""
     params = list(inspect.signature(f).parameters.values())
     if not params or params[0].name != "self":
         raise ServiceDefinitionError(f"API {api_name!r} must be a method whose first parameter is self")
     names = []
+    context = None
     for p in params[1:]:
+        if is_context_annotation(p.annotation):
+            if context is not None:
+                raise ServiceDefinitionError(
+                    f"API {api_name!r} takes two request contexts ({context!r} and {p.name!r}); one is enough"
+                )
+            context = p.name
+            continue
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             raise ServiceDefinitionError(
                 f"API {api_name!r}: *{p.name} / **{p.name} cannot be served; name every input as a parameter"
@@ -161,7 +184,19 @@ def _api_params(f: Callable[..., Any], api_name: str) -> tuple[str, ...]:
         if p.kind is p.POSITIONAL_ONLY:
             raise ServiceDefinitionError(f"API {api_name!r}: parameter {p.name!r} is positional-only; inputs travel by name")
         names.append(p.name)
-    return tuple(names)
+    return tuple(names), context
+
+
+_METHODS = ("POST", "GET")
+
+
+def _http_method(api_name: str, method: Any, batchable: bool, f: Callable[..., Any]) -> str:
+    upper = method.upper() if isinstance(method, str) else method
+    if upper not in _METHODS:
+        raise ServiceDefinitionError(f"API {api_name!r}: method must be 'POST' or 'GET', got {method!r}")
+    if upper == "GET" and batchable:
+        raise ServiceDefinitionError(f"API {api_name!r}: a GET API cannot be batchable; use method='POST'")
+    return upper
 
 
 def _warmup(api_name: str, f: Callable[..., Any], params: tuple[str, ...], warmup: Warmup,

@@ -81,3 +81,82 @@ def model_refs(cls: type) -> dict[str, ModelRef]:
             else:
                 refs.pop(name, None)
     return refs
+
+
+class BentoModel(ModelRef):
+    """BentoML's ``bentoml.models.BentoModel("name:version")``: a stored model the service reads files from.
+
+    Where ``bl.model`` gives the instance the loaded framework object, this gives the stored version itself
+    (``.path``, ``.path_of("weights.bin")``, ``.info``, ``.load()``): for models the service loads its own way. It
+    is packaged into a bento like any other reference."""
+
+    __slots__ = ()
+
+    def load(self, device: str = "cpu", store: ModelStore | None = None) -> Any:
+        return self.resolve(store)
+
+    def __repr__(self) -> str:
+        return f"BentoModel({self.tag!r})"
+
+
+class HuggingFaceModel:
+    """BentoML's ``bentoml.models.HuggingFaceModel("org/name", revision=...)``: the local directory of a Hugging
+    Face model, as a str, on attribute access.
+
+    Found in the model store (a model saved under the id with ``/`` written ``--``, lowercased: ``org--name``),
+    else in the local Hugging Face cache (``$HF_HUB_CACHE``, ``$HF_HOME/hub``, ``~/.cache/huggingface/hub``).
+    Nothing is downloaded while serving: a model in neither place is an error that names it."""
+
+    def __init__(self, model_id: str, revision: str = "main", *, endpoint: str | None = None) -> None:
+        if not isinstance(model_id, str) or model_id.count("/") > 1 or not model_id.strip("/"):
+            raise ValueError(f"HuggingFaceModel takes a model id such as 'org/name', got {model_id!r}")
+        self.model_id = model_id
+        self.revision = revision
+        self.endpoint = endpoint  # recorded for BentoML compatibility; never contacted while serving
+        self.name: str | None = None
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            return self
+        path = self.resolve()
+        if self.name is not None:
+            vars(obj)[self.name] = path
+        return path
+
+    @property
+    def store_name(self) -> str:
+        return self.model_id.replace("/", "--").lower()
+
+    def resolve(self) -> str:
+        """The model's local directory; FileNotFoundError naming the model and where it was looked for."""
+        import os
+        from pathlib import Path
+
+        from bento_like.models import ModelNotFoundError, default_store
+
+        try:
+            return str(default_store().get(f"{self.store_name}:latest").path)
+        except (ModelNotFoundError, ValueError):
+            pass
+        roots = [os.environ.get("HF_HUB_CACHE"), os.environ.get("HF_HOME") and str(Path(os.environ["HF_HOME"]) / "hub"),
+                 str(Path.home() / ".cache" / "huggingface" / "hub")]
+        looked = []
+        for root in filter(None, roots):
+            repo = Path(root) / ("models--" + self.model_id.replace("/", "--"))
+            looked.append(str(repo))
+            ref = repo / "refs" / self.revision
+            commit = ref.read_text().strip() if ref.is_file() else self.revision
+            snapshot = repo / "snapshots" / commit
+            if snapshot.is_dir() and commit and "/" not in commit and commit not in (".", ".."):
+                return str(snapshot)
+        raise FileNotFoundError(
+            f"Hugging Face model {self.model_id!r} (revision {self.revision!r}) is not available locally: not in the "
+            f"model store as {self.store_name!r}, nor in the Hugging Face cache ({', '.join(looked)}); nothing is "
+            "downloaded while serving: download it where the service is built, or save it into the model store"
+        )
+
+    def __repr__(self) -> str:
+        return f"HuggingFaceModel({self.model_id!r}, revision={self.revision!r})"

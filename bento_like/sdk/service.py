@@ -60,6 +60,8 @@ class ServiceSpec:
     startup_hooks: tuple[str, ...] = ()
     shutdown_hooks: tuple[str, ...] = ()
     dependencies: dict[str, "Dependency"] = field(default_factory=dict)
+    deployment_hooks: tuple[str, ...] = ()
+    asgi_apps: tuple["MountedApp", ...] = ()
 
     def api(self, name: str) -> APIEntry:
         for entry in self.apis:
@@ -106,6 +108,94 @@ def depends(target: type) -> Any:
     return Dependency(target)
 
 
+@dataclass(frozen=True)
+class MountedApp:
+    """An ASGI app (FastAPI, Starlette...) served beside the APIs under ``path``."""
+
+    app: Any
+    path: str
+    name: str | None = None
+
+
+_MOUNTS_ATTR = "__bento_asgi_apps__"
+
+
+def mount_asgi_app(app: Any, *, path: str = "/", name: str | None = None) -> Callable[[T], T]:
+    """Serve an ASGI app beside the service's APIs: ``@bl.mount_asgi_app(fastapi_app, path="/v1")`` above
+    ``@bl.service``. Its routes can reach the service with ``bl.get_current_service()``."""
+    if not callable(app):
+        raise ServiceDefinitionError(f"mount_asgi_app takes an ASGI app (a FastAPI or Starlette app), got {app!r}")
+    if not isinstance(path, str) or not path.startswith("/") or " " in path:
+        raise ServiceDefinitionError(f"mount_asgi_app: path must start with '/' and hold no spaces, got {path!r}")
+
+    def decorate(cls: T) -> T:
+        mounts = (*cls.__dict__.get(_MOUNTS_ATTR, ()), MountedApp(app, path.rstrip("/") or "/", name))
+        setattr(cls, _MOUNTS_ATTR, mounts)
+        spec = get_spec_or_none(cls)
+        if spec is not None:  # the decorator sits above @service: the spec exists already
+            setattr(cls, SERVICE_ATTR, _with_mounts(spec, mounts))
+        return cls
+
+    return decorate
+
+
+asgi_app = mount_asgi_app  # BentoML 1.4's name for the same decorator
+
+
+def _with_mounts(spec: ServiceSpec, mounts: tuple[MountedApp, ...]) -> ServiceSpec:
+    import dataclasses
+
+    _check_mounts(spec.name, spec.apis, mounts)
+    return dataclasses.replace(spec, asgi_apps=mounts)
+
+
+def _check_mounts(svc_name: str, apis: tuple[APIEntry, ...], mounts: tuple[MountedApp, ...]) -> None:
+    seen: set[str] = set()
+    for mount in mounts:
+        if mount.path in seen:
+            raise ServiceDefinitionError(f"service {svc_name!r}: two ASGI apps are mounted at {mount.path!r}")
+        seen.add(mount.path)
+        if mount.path == "/":
+            continue  # served last: every route of the service's own wins over it
+        if mount.path in RESERVED_ROUTES or any(mount.path.startswith(r + "/") for r in ("/v2", "/docs")):
+            raise ServiceDefinitionError(
+                f"service {svc_name!r}: an ASGI app cannot be mounted at {mount.path!r}, a route of the server")
+        for entry in apis:
+            route = entry.config.route
+            if route == mount.path or route.startswith(mount.path + "/"):
+                raise ServiceDefinitionError(
+                    f"service {svc_name!r}: API {entry.config.name!r} ({route}) lies under the ASGI app mounted at "
+                    f"{mount.path!r}; move one of them"
+                )
+
+
+_current_service: Callable[[], Any] | None = None
+
+
+def get_current_service() -> Any:
+    """The service instance serving in this process, for code that runs beside the APIs (a mounted ASGI app's
+    routes). With several instances, the one with the fewest requests in flight."""
+    if _current_service is None:
+        raise RuntimeError(
+            "get_current_service() is called outside a running server (no service instance is built yet)"
+        )
+    return _current_service()
+
+
+def set_current_service(getter: Callable[[], Any] | None) -> None:
+    """Called by the runtime once its instances are built."""
+    global _current_service
+    _current_service = getter
+
+
+def on_deployment(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Run this function once per deployment, before any worker starts (a download, a migration): declared in
+    the class without ``self`` (or as a staticmethod); it gets no instance."""
+    target = func.__func__ if isinstance(func, staticmethod) else func
+    setattr(target, HOOK_ATTR, "deployment")
+    return func
+
+
 def on_startup(func: Callable[..., Any]) -> Callable[..., Any]:
     """Run this method (sync or async) once per instance after ``__init__``, before the server is ready."""
     setattr(func, HOOK_ATTR, "startup")
@@ -148,7 +238,10 @@ def service(
             startup_hooks=_collect_hooks(c, "startup"),
             shutdown_hooks=_collect_hooks(c, "shutdown"),
             dependencies={k: v for k, v in _members(c) if isinstance(v, Dependency)},
+            deployment_hooks=_collect_hooks(c, "deployment"),
+            asgi_apps=tuple(c.__dict__.get(_MOUNTS_ATTR, ())),
         )
+        _check_mounts(svc_name, spec.apis, spec.asgi_apps)
         setattr(c, SERVICE_ATTR, spec)
         return c
 
@@ -210,7 +303,10 @@ RESERVED_ROUTES = {"/", "/livez", "/readyz", "/metrics", "/openapi.json", "/docs
 
 
 def _collect_hooks(c: type, kind: str) -> tuple[str, ...]:
-    return tuple(attr for attr, value in _members(c) if getattr(value, HOOK_ATTR, None) == kind)
+    def hook(value: Any) -> Any:
+        return value.__func__ if isinstance(value, staticmethod) else value
+
+    return tuple(attr for attr, value in _members(c) if getattr(hook(value), HOOK_ATTR, None) == kind)
 
 
 def _unknown(svc_name: str, what: str, given: dict[str, Any], allowed: set[str]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import importlib.util
+import inspect
 import logging
 import os
 from contextlib import asynccontextmanager
@@ -26,7 +27,7 @@ from starlette.staticfiles import StaticFiles
 
 from .. import __version__
 from ..description import openapi_document
-from ..sdk.service import ServiceSpec
+from ..sdk.service import ServiceSpec, get_spec, set_current_service
 from .batching import Batcher, BatchMetrics
 from .deadlines import Watchdog
 from .errors import HTTPError
@@ -80,6 +81,7 @@ class ServerState:
         self.failure: str | None = None
         self.api_names = {entry.attr: entry.config.name for entry in spec.apis}
         self.warmups: dict[str, WarmupPlan] = {}  # by API name: the warm-ups the APIs asked for
+        self._is_ready_hook = getattr(spec.cls, "__is_ready__", None)
 
     async def start(self) -> None:
         try:
@@ -94,6 +96,7 @@ class ServerState:
             self.failure = str(exc)
             log.error("%s; the server will not become ready", exc, exc_info=exc.__cause__)
             return
+        set_current_service(lambda: self.pool.pick().obj)
         _freeze_heap()
         self.ready = True
         self._publish(1)
@@ -168,6 +171,27 @@ class ServerState:
             if self.ready:
                 self._publish(0 if was_blocked else 1)
 
+    async def not_ready_by_hook(self) -> str | None:
+        """Why the service's own ``__is_ready__`` says it is not ready (on any instance), or None."""
+        if self._is_ready_hook is None:
+            return None
+        for inst in self.pool.instances:
+            hook = getattr(inst.obj, "__is_ready__")
+            try:
+                if inspect.iscoroutinefunction(hook):
+                    ready = await asyncio.wait_for(hook(), IS_READY_TIMEOUT_S)
+                else:  # it may block (a probe of a remote model): never on the event loop
+                    ready = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, hook),
+                                                   IS_READY_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                return f"__is_ready__ of instance {inst.index} did not answer within {IS_READY_TIMEOUT_S:g} s"
+            except Exception as exc:
+                log.warning("__is_ready__ of instance %d raised", inst.index, exc_info=True)
+                return f"__is_ready__ of instance {inst.index} raised {type(exc).__name__}: {exc}"
+            if not ready:
+                return f"__is_ready__ of instance {inst.index} returned {ready!r}"
+        return None
+
     def stop_batchers(self) -> None:
         for ep in self.endpoints:
             if ep.batcher is not None:
@@ -175,6 +199,31 @@ class ServerState:
 
 
 METRICS_PUBLISH_S = 1.0
+IS_READY_TIMEOUT_S = 5.0
+
+
+def run_deployment_hooks(spec: ServiceSpec) -> None:
+    """Run the service's ``@on_deployment`` functions (and its in-process dependencies'), once, before any
+    worker starts."""
+    done: set[type] = set()
+
+    def run(s: ServiceSpec) -> None:
+        if s.cls in done:
+            return
+        done.add(s.cls)
+        for dep in s.dependencies.values():
+            run(get_spec(dep.target))
+        for attr in s.deployment_hooks:
+            log.info("running the deployment hook %s.%s", s.name, attr)
+            result = getattr(s.cls, attr)()
+            if inspect.isawaitable(result):
+                asyncio.run(_awaited(result))
+
+    run(spec)
+
+
+async def _awaited(value: Any) -> Any:
+    return await value
 ABANDONED_CHECK_S = 1.0
 
 
@@ -214,7 +263,7 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_st
 
     async def readyz(request: Request) -> Response:
         if state.ready:
-            blocked = state.blocked()
+            blocked = state.blocked() or await state.not_ready_by_hook()
             if blocked is not None:
                 body = {"ready": False, "state": "blocked", "error": blocked}
                 return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
@@ -274,8 +323,11 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_st
         Route("/docs", docs, methods=["GET"]),
         Mount("/docs/static", StaticFiles(directory=_swagger_dir()), name="swagger"),
     ]
-    routes += [Route(ep.config.route, ep, methods=["POST"]) for ep in endpoints]
+    routes += [Route(ep.config.route, ep, methods=[ep.config.method]) for ep in endpoints]
     routes += v2_routes(state, endpoints)
+    # A mount at "/" comes last, so that every route of the server's own wins over it.
+    for mounted in sorted(spec.asgi_apps, key=lambda m: m.path == "/"):
+        routes.append(Mount("" if mounted.path == "/" else mounted.path, app=mounted.app, name=mounted.name))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -300,7 +352,7 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_st
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_exception, HTTPError: _http_error},
     )
-    app.api_routes = {ep.config.route: ep for ep in endpoints}
+    app.api_routes = {ep.config.route: ep for ep in endpoints if ep.config.method == "POST"}
     app.state.server = state
     state.metrics.in_flight.collect = lambda: {(ep.name,): ep.in_flight for ep in endpoints}
     state.metrics.loop_lag.collect = lambda: {(): state.watchdog.lag}

@@ -23,6 +23,7 @@ try:
 except ImportError:  # optional speed-up: without it float arrays decode through msgspec
     _simdjson = None
 
+from .._constraints import PydanticCheck, is_pydantic_model
 from ..description import APIDescription, Parameter
 from ..sdk.io import ArraySpec, File
 from .errors import HTTPError, bad_request, validation_error
@@ -63,6 +64,8 @@ def _enc_hook(obj: Any) -> Any:
         return obj.item()
     if isinstance(obj, File):
         return base64.b64encode(obj.data).decode()
+    if is_pydantic_model(type(obj)):
+        return obj.model_dump(mode="json")
     raise NotImplementedError(f"cannot encode objects of type {type(obj).__name__} as JSON")
 
 
@@ -108,6 +111,24 @@ class InputCodec:
             self._fast_decoder = msgspec.json.Decoder(fast, dec_hook=_dec_hook)
         # A single bytes/File input may arrive as the raw body.
         self.raw_param = description.raw_input
+        # Inputs only Pydantic validates (models, pydantic.Field constraints): checked after msgspec decoded them.
+        self._checks = tuple((p, PydanticCheck(p.name, p.annotation)) for p in params if p.pydantic)
+        if self._checks:  # the fast paths know nothing of these checks
+            self._simd = False
+            self._fast_decoder = None
+
+    def decode_query(self, query: list[tuple[str, str]]) -> dict[str, Any]:
+        """A GET API's inputs from its query parameters (text, converted to each input's scalar type)."""
+        values: dict[str, Any] = {}
+        for key, value in query:
+            if key in values:
+                raise HTTPError(400, f"query parameter {key!r} is given more than once", field=f"$.{key}")
+            values[key] = value
+        try:
+            value = msgspec.convert(values, self.struct, strict=False, dec_hook=_dec_hook)
+        except msgspec.ValidationError as exc:
+            raise validation_error(str(exc)) from None
+        return self._finish(value)
 
     def decode_json(self, body: bytes) -> dict[str, Any]:
         try:
@@ -234,6 +255,12 @@ class InputCodec:
         kwargs = {f: getattr(value, f) for f in value.__struct_fields__}
         for p in self._arrays:
             kwargs[p.name] = _check_array(p, kwargs[p.name])
+        for p, check in self._checks:
+            if p.required or kwargs[p.name] is not p.default:
+                try:
+                    kwargs[p.name] = check(kwargs[p.name])
+                except ValueError as exc:
+                    raise validation_error(str(exc)) from None
         return kwargs
 
 

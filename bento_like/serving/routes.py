@@ -10,6 +10,7 @@ import inspect
 import logging
 import time
 import uuid
+from urllib.parse import parse_qsl
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from starlette.requests import Request
@@ -17,6 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..description import describe_api
 from ..sdk.api import APIConfig
+from ..sdk.context import Context
 from ..sdk.io import File
 from .codecs import (
     JSON,
@@ -55,6 +57,7 @@ class APIEndpoint:
         self.is_async_gen = inspect.isasyncgenfunction(func)
         self.is_gen = inspect.isgeneratorfunction(func)
         self.name = config.name
+        self.context = config.context  # the parameter that takes the request's bl.Context, if any
         self.batcher: Batcher | None = None  # set by the app for batchable APIs
         self.placement = DirectPlacement(state.tuning.placement, self.is_async)
         self.in_flight = 0
@@ -149,9 +152,23 @@ class APIEndpoint:
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> int:
         self.admit()
         content_type, timeout = self.read_headers(scope)
+        kwargs = await self.decode(scope, receive, content_type)
+        ctx = None
+        if self.context is not None:
+            ctx = kwargs[self.context] = Context(Request(scope))
+        if self.is_gen or self.is_async_gen:
+            instance = self.state.pool.pick()
+            return await self._stream(send, instance, getattr(instance.obj, self.attr), kwargs, ctx)
+        result = await self.invoke(kwargs, timeout, receive)
+        return await self._respond(scope, receive, send, result, ctx)
+
+    async def decode(self, scope: Scope, receive: Receive, content_type: str | None) -> dict[str, Any]:
+        """The API's arguments from the request: its query (GET), or its body by Content-Type."""
+        codec = self.codec
+        if scope["method"] == "GET":
+            return codec.decode_query(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
         limit = self.state.max_body_size
         mtype = media_type(content_type)
-        codec = self.codec
         if mtype == JSON or mtype == "" or mtype.endswith("+json"):
             kwargs = codec.decode_json(await _read_body(receive, limit))
         elif mtype == MULTIPART and codec.params:
@@ -163,11 +180,7 @@ class APIEndpoint:
             raise HTTPError(
                 415, f"unsupported Content-Type {mtype!r} for API {self.name!r}; send one of: {', '.join(accepted)}"
             )
-        if self.is_gen or self.is_async_gen:
-            instance = self.state.pool.pick()
-            return await self._stream(send, instance, getattr(instance.obj, self.attr), kwargs)
-        result = await self.invoke(kwargs, timeout, receive)
-        return await self._respond(scope, receive, send, result)
+        return kwargs
 
     async def invoke(self, kwargs: dict[str, Any], timeout: float, receive: Receive | None = None) -> Any:
         """Run the API on decoded arguments: through its batcher, or on an instance directly."""
@@ -217,7 +230,7 @@ class APIEndpoint:
         except TimeoutError:
             raise _timed_out(self.name, timeout) from None
 
-    async def _respond(self, scope: Scope, receive: Receive, send: Send, result: Any) -> int:
+    async def _respond(self, scope: Scope, receive: Receive, send: Send, result: Any, ctx: Context | None = None) -> int:
         if isinstance(result, _RESPONSE_TYPES):
             await result(scope, receive, send)
             return result.status_code
@@ -225,15 +238,13 @@ class APIEndpoint:
             body, ctype = encode_result(result)
         except NonFiniteResult as exc:
             raise self._unsendable(exc) from None
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode())],
-            }
-        )
+        headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode())]
+        status = 200
+        if ctx is not None:
+            status, headers = _from_context(self.name, ctx, headers)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
-        return 200
+        return status
 
     def _unsendable(self, exc: NonFiniteResult) -> HTTPError:
         """The error for a result JSON cannot carry: the API's own doing, so a 500, logged in one line."""
@@ -241,32 +252,33 @@ class APIEndpoint:
         log.warning("%s", message)
         return HTTPError(500, message)
 
-    async def _stream(self, send: Send, instance: Any, method: Callable[..., Any], kwargs: dict[str, Any]) -> int:
+    async def _stream(self, send: Send, instance: Any, method: Callable[..., Any], kwargs: dict[str, Any],
+                      ctx: Context | None = None) -> int:
         if self.is_async_gen:
             agen = method(**kwargs)
-            next_item: Callable[[], Awaitable[Any]] = agen.__anext__
-            stop: type[BaseException] = StopAsyncIteration
+
+            async def next_item() -> Any:
+                try:
+                    return await agen.__anext__()
+                except StopAsyncIteration:
+                    return _END
         else:
             gen = method(**kwargs)
-            sentinel = object()
-            next_item = lambda: instance.runner.submit(next, gen, sentinel)  # noqa: E731
-            stop = StopIteration
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-type", SSE.encode()), (b"cache-control", b"no-cache")],
-            }
-        )
+            next_item = lambda: instance.runner.submit(next, gen, _END)  # noqa: E731
+        text = self.output == "text_stream"
+        headers = [(b"content-type", TEXT_STREAM if text else SSE.encode()), (b"cache-control", b"no-cache")]
+        status = 200
+        # The first item is computed before the response starts: what the generator sets on ctx.response before
+        # its first yield reaches the head, and an error before it is an ordinary error response.
+        item = await next_item()
+        if ctx is not None:
+            status, headers = _from_context(self.name, ctx, headers)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         try:
-            while True:
-                try:
-                    item = await next_item()
-                except stop:
-                    break
-                if not self.is_async_gen and item is sentinel:
-                    break
-                await send({"type": "http.response.body", "body": sse_event(item), "more_body": True})
+            while item is not _END:
+                chunk = _text_chunk(item) if text else sse_event(item)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                item = await next_item()
         except NonFiniteResult as exc:
             error = self._unsendable(exc)
             event = b"event: error\n" + sse_event({"error": error.message})
@@ -274,13 +286,40 @@ class APIEndpoint:
         except Exception:
             error_id = uuid.uuid4().hex[:12]
             log.exception("error %s in streaming API %r", error_id, self.name)
+            if text:  # plain text has no events: the stream is cut short, and the log says why
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return status
             event = b"event: error\n" + sse_event({"error": f"stream failed (error id {error_id})", "error_id": error_id})
             await send({"type": "http.response.body", "body": event, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
-        return 200
+        return status
 
 
 _REFUSALS = {429: "overload", 503: "not_ready", 504: "timeout"}
+_END = object()
+TEXT_STREAM = b"text/plain; charset=utf-8"
+
+
+def _text_chunk(item: Any) -> bytes:
+    if isinstance(item, str):
+        return item.encode()
+    raise TypeError(f"a stream annotated to yield str yielded {type(item).__name__}")
+
+
+def _from_context(api: str, ctx: Context, headers: list[tuple[bytes, bytes]]) -> tuple[int, list[tuple[bytes, bytes]]]:
+    """The status and headers of a response, with what the API set on ``ctx.response``."""
+    response = ctx.response
+    status = response.status_code
+    if not isinstance(status, int) or isinstance(status, bool) or not 200 <= status <= 599:
+        raise TypeError(f"API {api!r} set ctx.response.status_code to {status!r}; it must be an int in 200..599")
+    if response.headers:
+        # the API's headers replace the defaults of the same name (content-length stays the server's)
+        own = {k.lower() for k in response.headers if k.lower() != "content-length"}
+        headers = [(k, v) for k, v in headers if k.decode() not in own]
+        headers += [(k.lower().encode(), v.encode("latin-1")) for k, v in response.headers.items()
+                    if k.lower() != "content-length"]
+    headers += [(b"set-cookie", cookie.header().encode("latin-1")) for cookie in response.cookies]
+    return status, headers
 
 
 def _timed_out(api: str, timeout: float) -> HTTPError:

@@ -243,7 +243,7 @@ def model_of(endpoint: APIEndpoint) -> Model | None:
     """The v2 model an API is, or None when it is not tensor-shaped."""
     description = endpoint.codec.description
     config = description.config
-    if not description.params or description.output_kind == "stream":
+    if not description.params or description.output_kind in ("stream", "text_stream"):
         return None
     inputs = []
     for p in description.params:

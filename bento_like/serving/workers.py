@@ -39,7 +39,7 @@ from ..models._store import MODEL_STORE_ENV
 from ..sdk.api import ServiceDefinitionError
 from ..sdk.loader import load_service
 from ..sdk.service import ServiceSpec
-from .app import ServeOptions, create_app
+from .app import ServeOptions, create_app, run_deployment_hooks
 from .tuning import Tuning, from_reloader, hand_to_reloaded
 
 log = logging.getLogger("bento_like.serving")
@@ -76,6 +76,11 @@ def serve(
         # `name:version` was meant as a bento more often than as module:Class: say what both lookups found
         raise ServiceDefinitionError(f"{target!r} is neither a bento ({not_a_bento}) nor a module ({exc})") from None
     app = create_app(spec, options)  # fails fast, in the parent, on an API that cannot be served
+    try:
+        run_deployment_hooks(spec)
+    except Exception as exc:
+        log.error("the deployment hook of %s failed", spec.name, exc_info=True)
+        raise ServeError(f"an @on_deployment hook of {spec.name} failed: {type(exc).__name__}: {exc}") from None
     workers = workers or spec.workers
     server_args: dict[str, Any] = dict(
         log_level=log_level,
