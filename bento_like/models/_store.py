@@ -103,11 +103,22 @@ class Model:
         verify_files(self.path, self.info.files, self.info.chunk_size, self.tag)
 
     def path_of(self, item: str) -> str:
-        """The path of a file inside this model's directory (BentoML's name); ValueError for a path that leaves it."""
-        target = (self.path / item).resolve()
-        if not target.is_relative_to(self.path.resolve()):
-            raise ValueError(f"{self.tag}: {item!r} is outside the model's directory")
-        return str(target)
+        """The path of a file inside this model's directory (BentoML's name); ValueError for a path that leaves it.
+
+        For files saved as they are (a file or a directory given to ``save``), ``item`` may also be relative to
+        what was saved: ``path_of("config.json")`` of a saved directory that holds config.json."""
+        home = self.path.resolve()
+        candidates = [self.path / item]
+        root = self.info.details.get("root")
+        if self.info.framework == "files" and isinstance(root, str):
+            candidates += [self.path / "files" / item, self.path / "files" / root / item]
+        for candidate in candidates:
+            target = candidate.resolve()
+            if not target.is_relative_to(home):
+                raise ValueError(f"{self.tag}: {item!r} is outside the model's directory")
+            if target.exists():
+                return str(target)
+        return str(candidates[0].resolve())
 
     def load(self, device: str = "cpu", *, verify: bool = True, **options: Any) -> Any:
         """The model object, on `device`, as its framework's adapter builds it; options go to the adapter

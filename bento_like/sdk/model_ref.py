@@ -92,6 +92,9 @@ class BentoModel(ModelRef):
 
     __slots__ = ()
 
+    def __init__(self, tag: str, **options: Any) -> None:
+        super().__init__(tag, options)
+
     def load(self, device: str = "cpu", store: ModelStore | None = None) -> Any:
         return self.resolve(store)
 
@@ -138,9 +141,11 @@ class HuggingFaceModel:
         from bento_like.models import ModelNotFoundError, default_store
 
         try:
-            return str(default_store().get(f"{self.store_name}:latest").path)
+            stored = default_store().get(f"{self.store_name}:latest")
         except (ModelNotFoundError, ValueError):
             pass
+        else:  # a saved snapshot directory is served from where the store keeps it
+            return str(stored.load() if stored.info.framework == "files" else stored.path)
         roots = [os.environ.get("HF_HUB_CACHE"), os.environ.get("HF_HOME") and str(Path(os.environ["HF_HOME"]) / "hub"),
                  str(Path.home() / ".cache" / "huggingface" / "hub")]
         looked = []

@@ -128,3 +128,57 @@ def test_declaring_imports_no_framework() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_bento_model_gives_the_stored_version_and_its_files(tmp_path: Path) -> None:
+    tag = save_text(tmp_path, "notes", "hello")
+
+    class Svc:
+        notes = bl.models.BentoModel("notes:latest")
+
+    assert Svc.notes in model_refs(Svc).values()  # packaged by a build like any reference
+    stored = Svc().notes
+    assert stored.tag == tag and Path(stored.path_of("notes.txt")).read_text() == "hello"
+    with pytest.raises(ValueError, match="outside"):
+        stored.path_of("../../etc/passwd")
+
+
+def _fake_hf_cache(root: Path, model_id: str, commit: str = "abc123") -> Path:
+    repo = root / ("models--" + model_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    return snapshot
+
+
+def test_hugging_face_model_resolves_from_the_local_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    snapshot = _fake_hf_cache(tmp_path / "hub", "org/tiny")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    class Svc:
+        model_dir = bl.models.HuggingFaceModel("org/tiny")
+        pinned = bl.models.HuggingFaceModel("org/tiny", revision="abc123")
+        absent = bl.models.HuggingFaceModel("org/absent")
+
+    svc = Svc()
+    assert svc.model_dir == str(snapshot) and svc.pinned == str(snapshot)
+    with pytest.raises(FileNotFoundError) as info:
+        svc.absent
+    assert "'org/absent'" in str(info.value) and "nothing is downloaded" in str(info.value)
+
+
+def test_hugging_face_model_prefers_the_model_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_hf_cache(tmp_path / "hub", "Org/Tiny")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    (snapshot / "config.json").write_text('{"from": "store"}')
+    bl.models.save("org--tiny", snapshot)
+
+    class Svc:
+        model_dir = bl.models.HuggingFaceModel("Org/Tiny")
+
+    assert (Path(Svc().model_dir) / "config.json").read_text() == '{"from": "store"}'
+
