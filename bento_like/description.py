@@ -261,7 +261,7 @@ def _summary(doc: str | None) -> str | None:
 
 
 def _input_struct(api_name: str, params: list[Parameter]) -> type[msgspec.Struct]:
-    fields = [(p.name, p.field_type) if p.required else (p.name, p.field_type, p.default) for p in params]
+    fields = [(p.name, p.field_type) if p.required else (p.name, p.field_type, _struct_default(p)) for p in params]
     struct = msgspec.defstruct(f"{api_name}_input", fields, forbid_unknown_fields=True, kw_only=True, module=__name__)
     try:  # msgspec describes exactly the types it can decode
         msgspec.json.schema_components([struct], schema_hook=_schema_hook)
@@ -273,6 +273,15 @@ def _input_struct(api_name: str, params: list[Parameter]) -> type[msgspec.Struct
             "dataclasses, np.ndarray, bytes or bento_like.File"
         ) from None
     return struct
+
+
+def _struct_default(p: Parameter) -> Any:
+    """The input Struct's default for ``p``: a Pydantic-validated input's default (a model instance, say) is given
+    as it is, through a factory, since msgspec could not write it into the schema."""
+    if p.pydantic and not isinstance(p.default, type(msgspec.field())):
+        default = p.default
+        return msgspec.field(default_factory=lambda: default)
+    return p.default
 
 
 def _output_parts(annotation: Any) -> tuple[str | None, tuple[OutputPart, ...]]:

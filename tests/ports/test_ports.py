@@ -1,0 +1,153 @@
+"""Services written the way BentoML 1.4's documentation writes them, with only the import line changed
+(`import bento_like as bentoml`), each served by a real `pkg serve` and called as its users call it: the BentoML
+client names, raw HTTP, and the 4xx cases.
+
+Every name a port uses is BentoML's; tests/ports/services/ holds one service per topic of its docs (services,
+adaptive batching, IO types, tasks, distributed services, ASGI, lifecycle hooks)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import numpy as np
+import pytest
+
+import bento_like as bentoml
+from bento_like.client import APIClientError
+from live_server import Server
+
+SERVICES = Path(__file__).parent / "services"
+
+
+@pytest.fixture(scope="module")
+def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    started: list[Server] = []
+
+    def start(target: str, env: dict[str, str] | None = None, args: list[str] | None = None) -> Server:
+        tmp = tmp_path_factory.mktemp(target.split(":")[0].replace(".py", ""))
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        srv = Server(target, SERVICES, args or [], full_env, tmp / "server.log")
+        started.append(srv)
+        srv.wait_ready()
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop()
+
+
+def test_summarization_with_a_hugging_face_model(serve, tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
+    hub = tmp_path_factory.mktemp("hf") / "hub"
+    snapshot = hub / "models--stand-in--tiny-summarizer" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps({"max_words": 5}))
+    (hub / "models--stand-in--tiny-summarizer" / "refs").mkdir()
+    (hub / "models--stand-in--tiny-summarizer" / "refs" / "main").write_text("0123abc")
+    srv = serve("summarization.py:Summarization", {"HF_HUB_CACHE": str(hub)})
+    with bentoml.SyncHTTPClient(srv.url) as client:
+        assert client.summarize(text="one two three four five six seven") == "one two three four five..."
+        assert client.summarize().startswith("Breaking News: In an astonishing")  # the default input
+        with pytest.raises(APIClientError) as info:
+            client.summarize(text=42)
+        assert info.value.status == 422 and info.value.field == "$.text"
+
+
+def test_summarization_without_its_model_names_it(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "empty"), "HF_HOME": str(tmp_path / "none"),
+           "HOME": str(tmp_path)}
+    srv = Server("summarization.py:Summarization", SERVICES, [], env, tmp_path / "server.log")
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.get(srv.url + "/readyz", timeout=1)
+                if r.status_code == 503 and r.json().get("state") == "failed":
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        assert "stand-in/tiny-summarizer" in r.json()["error"] and "nothing is downloaded" in r.json()["error"]
+    finally:
+        srv.stop()
+
+
+def test_adaptive_batching_with_validators(serve) -> None:  # type: ignore[no-untyped-def]
+    srv = serve("embeddings.py:SentenceEmbedding")
+
+    async def burst() -> list:
+        async with bentoml.AsyncHTTPClient(srv.url) as client:
+            rows = [np.full((1, 8), i, dtype=np.float32) for i in range(24)]
+            return await asyncio.gather(*(client.encode(features=row) for row in rows))
+
+    results = asyncio.run(burst())
+    assert all(r.shape == (1, 4) for r in results)
+    np.testing.assert_allclose(results[3], results[1] * 3, rtol=1e-5)
+    with bentoml.SyncHTTPClient(srv.url) as client:
+        assert max(client.batch_sizes_seen()) > 1  # concurrent requests were merged
+        with pytest.raises(APIClientError) as info:
+            client.encode(features=np.zeros((2, 7), dtype=np.float32))
+        assert info.value.status == 422 and "shape" in info.value.message and info.value.field == "$.features"
+
+
+def test_llm_stream_with_pydantic_config_and_context(serve) -> None:  # type: ignore[no-untyped-def]
+    srv = serve("llm.py:LLM")
+    with httpx.Client(base_url=srv.url, timeout=10) as http:
+        with http.stream("POST", "/generate", json={"prompt": "ab", "config": {"max_tokens": 3}}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+            assert r.headers["x-model"] == "stand-in"
+            assert "".join(r.iter_text()) == "brown fox jumps "
+        r = http.post("/generate", json={"config": {"max_tokens": 65}})
+        assert r.status_code == 422 and r.json()["field"] == "$.config.max_tokens", r.text
+        r = http.post("/generate", json={"temperature": 2.5})
+        assert r.status_code == 422 and r.json()["field"] == "$.temperature", r.text
+        r = http.post("/generate", json={"config": {"stop": ["a", "b", "c", "d", "e"]}})
+        assert r.status_code == 422 and r.json()["field"] == "$.config.stop", r.text
+        r = http.post("/tokenize", json={"text": "  "})
+        assert r.status_code == 400 and r.json() == []  # the API chose its status through ctx
+    with bentoml.SyncHTTPClient(srv.url) as client:
+        text = "".join(client.generate(prompt="abc", config={"max_tokens": 2, "stop": ["lazy"]}))
+        assert text == "fox jumps "
+        assert client.tokenize(text="a b") == ["a", "b"]
+
+
+def test_fastapi_app_mounted_with_get_current_service(serve) -> None:  # type: ignore[no-untyped-def]
+    srv = serve("asgi.py:Greeter")
+    with httpx.Client(base_url=srv.url, timeout=10) as http:
+        assert http.get("/v1/metadata").json() == {"name": "Greeter", "version": "1.0.0"}
+        assert http.post("/v1/custom-greet", params={"name": "Ada"}).json() == {"message": "Hello, Ada!"}
+        assert http.post("/v1/custom-greet").status_code == 422  # FastAPI's own validation
+        assert http.get("/health-info", params={"verbose": "true"}).json() == {"ok": True, "detail": "all good"}
+        assert http.get("/health-info", params={"verbose": "maybe"}).status_code == 422
+        assert http.post("/greet", json={"name": "Bo"}).text == "Hello, Bo!"
+    with bentoml.SyncHTTPClient(srv.url) as client:
+        assert client.health_info() == {"ok": True}
+
+
+def test_lifecycle_hooks_and_bento_model(serve, tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
+    tmp = tmp_path_factory.mktemp("lifecycle")
+    home = tmp / "home"
+    labels = tmp / "labels"
+    labels.mkdir()
+    (labels / "labels.txt").write_text("cat dog bird")
+    env = {"BENTO_LIKE_HOME": str(home), "PORT_EVENTS_FILE": str(tmp / "events"),
+           "PORT_NOT_READY_FILE": str(tmp / "not-ready")}
+    saved = bentoml.models.ModelStore(home / "models").save("labels", labels)
+    assert saved.startswith("labels:")
+    srv = serve("lifecycle.py:HookService", env)
+    with bentoml.SyncHTTPClient(srv.url) as client:
+        assert client.label(index=1) == "dog"
+        with pytest.raises(bentoml.client.APIServerError):  # the service's own IndexError: a 500
+            client.label(index=7)
+    (tmp / "not-ready").write_text("")
+    r = httpx.get(srv.url + "/readyz", timeout=10)
+    assert r.status_code == 503 and "__is_ready__" in r.json()["error"]
+    (tmp / "not-ready").unlink()
+    assert httpx.get(srv.url + "/readyz", timeout=10).status_code == 200
+    srv.stop()
+    assert (tmp / "events").read_text().split() == ["deployment", "init", "startup", "shutdown"]
