@@ -18,6 +18,7 @@ from .sdk import (
     on_shutdown,
     on_startup,
     service,
+    task,
 )
 
 __version__ = "0.1.0"
@@ -37,6 +38,7 @@ __all__ = [
     "on_startup",
     "opt",
     "service",
+    "task",
 ]
 
 if TYPE_CHECKING:

@@ -1,6 +1,6 @@
 """Declarations: what a service is, never how it runs. Importing this starts nothing and imports no framework."""
 
-from .api import APIConfig, ServiceDefinitionError, api
+from .api import APIConfig, ServiceDefinitionError, api, task
 from .io import DType, File, Shape
 from .service import (
     Resources,
@@ -28,4 +28,5 @@ __all__ = [
     "on_shutdown",
     "on_startup",
     "service",
+    "task",
 ]
