@@ -149,6 +149,16 @@ class APIEndpoint:
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> int:
         self.admit()
         content_type, timeout = self.read_headers(scope)
+        kwargs = await self.decode(scope, receive, content_type)
+        if self.is_gen or self.is_async_gen:
+            instance = self.state.pool.pick()
+            return await self._stream(send, instance, getattr(instance.obj, self.attr), kwargs)
+        result = await self.invoke(kwargs, timeout, receive)
+        return await self._respond(scope, receive, send, result)
+
+    async def decode(self, scope: Scope, receive: Receive, content_type: str | None) -> dict[str, Any]:
+        """The request's arguments, read and validated by the API's codec (400, 413, 415 or 422 otherwise).
+        A task's submit reads its body the same way, so both answer a bad input alike."""
         limit = self.state.max_body_size
         mtype = media_type(content_type)
         codec = self.codec
@@ -163,11 +173,7 @@ class APIEndpoint:
             raise HTTPError(
                 415, f"unsupported Content-Type {mtype!r} for API {self.name!r}; send one of: {', '.join(accepted)}"
             )
-        if self.is_gen or self.is_async_gen:
-            instance = self.state.pool.pick()
-            return await self._stream(send, instance, getattr(instance.obj, self.attr), kwargs)
-        result = await self.invoke(kwargs, timeout, receive)
-        return await self._respond(scope, receive, send, result)
+        return kwargs
 
     async def invoke(self, kwargs: dict[str, Any], timeout: float, receive: Receive | None = None) -> Any:
         """Run the API on decoded arguments: through its batcher, or on an instance directly."""
