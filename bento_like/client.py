@@ -28,9 +28,13 @@ from ._client_core import (
     APITimeoutError,
     EncodedRequest,
     PendingMethod,
+    TASK_VERBS,
     ReadinessWait,
+    ResultStatus,
     RetryPolicy,
     SSEParser,
+    TaskInfo,
+    TaskWait,
     bind_arguments,
     decode_body,
     decode_event,
@@ -38,6 +42,7 @@ from ._client_core import (
     error_from_response,
     media_type,
     parse_openapi,
+    task_api,
     unknown_api,
 )
 
@@ -51,12 +56,17 @@ __all__ = [
     "APITimeoutError",
     "AsyncClient",
     "AsyncEventStream",
+    "AsyncTask",
     "Client",
     "EventStream",
+    "ResultStatus",
+    "Task",
+    "TaskInfo",
 ]
 
 # Users import the errors and APIInfo from here; tracebacks and reprs should say so.
-for _public in (APIError, APIClientError, APIServerError, APIStreamError, APIConnectionError, APITimeoutError, APIInfo):
+for _public in (APIError, APIClientError, APIServerError, APIStreamError, APIConnectionError, APITimeoutError, APIInfo,
+                ResultStatus, TaskInfo):
     _public.__module__ = __name__
 del _public
 
@@ -169,12 +179,14 @@ class _BaseClient(Generic[H]):
         return apis[name]
 
     def _build(
-        self, method: str, path: str, encoded: EncodedRequest | None, timeout: float | None
+        self, method: str, path: str, encoded: EncodedRequest | None, timeout: float | None,
+        params: dict[str, str] | None = None,
     ) -> httpx.Request:
         encoded = encoded or EncodedRequest(headers={})
         return self._shared.http.build_request(
             method,
             path,
+            params=params,
             headers={**self.headers, **encoded.headers},
             content=encoded.content,
             data=encoded.data,
@@ -239,6 +251,23 @@ class Client(_BaseClient[httpx.Client]):
         response = self._send("POST", api.route, encoded, timeout, api=api.name)
         return decode_body(api, response.headers.get("content-type"), response.content)
 
+    def submit_task(self, name: str, /, *args: Any, **kwargs: Any) -> Task:
+        """Submit a task by name: the same as ``getattr(client, name).submit(*args, **kwargs)``."""
+        api = task_api(self._shared.service, self._loaded_apis(), name)
+        encoded, timeout = self._prepare(api, args, kwargs)
+        response = self._send("POST", api.route + "/submit", encoded, timeout, api=api.name)
+        return Task(self, api.name, response.json()["task_id"])
+
+    def get_task(self, name: str, task_id: str) -> Task:
+        """A handle on a task submitted before (by this client or another) from its id."""
+        return Task(self, name, task_id)
+
+    def _task_request(self, name: str, op: str, task_id: str) -> tuple[APIInfo, httpx.Response]:
+        api = task_api(self._shared.service, self._loaded_apis(), name)
+        response = self._send(TASK_VERBS[op], f"{api.route}/{op}", None, self.timeout, api=api.name,
+                              params={"task_id": task_id})
+        return api, response
+
     def load_schema(self) -> dict[str, APIInfo]:
         """Fetch ``/openapi.json`` again (after the service was redeployed with other APIs); returns the APIs."""
         response = self._send("GET", "/openapi.json", None, self.timeout)
@@ -297,11 +326,13 @@ class Client(_BaseClient[httpx.Client]):
         *,
         stream: bool = False,
         api: str | None = None,
+        params: dict[str, str] | None = None,
     ) -> httpx.Response:
         policy = RetryPolicy(self.max_retries, self.backoff)
         while True:
             try:
-                response = self._shared.http.send(self._build(method, path, encoded, timeout), stream=stream)
+                response = self._shared.http.send(self._build(method, path, encoded, timeout, params),
+                                                     stream=stream)
             except httpx.ConnectError as exc:
                 delay = policy.after_connect_error()
                 if delay is None:
@@ -351,6 +382,23 @@ class AsyncClient(_BaseClient[httpx.AsyncClient]):
             return AsyncEventStream(api, await self._send("POST", api.route, encoded, timeout, stream=True, api=api.name))
         response = await self._send("POST", api.route, encoded, timeout, api=api.name)
         return decode_body(api, response.headers.get("content-type"), response.content)
+
+    async def submit_task(self, name: str, /, *args: Any, **kwargs: Any) -> AsyncTask:
+        """Submit a task by name: the same as ``await getattr(client, name).submit(*args, **kwargs)``."""
+        api = task_api(self._shared.service, await self._start(), name)
+        encoded, timeout = self._prepare(api, args, kwargs)
+        response = await self._send("POST", api.route + "/submit", encoded, timeout, api=api.name)
+        return AsyncTask(self, api.name, response.json()["task_id"])
+
+    def get_task(self, name: str, task_id: str) -> AsyncTask:
+        """A handle on a task submitted before (by this client or another) from its id."""
+        return AsyncTask(self, name, task_id)
+
+    async def _task_request(self, name: str, op: str, task_id: str) -> tuple[APIInfo, httpx.Response]:
+        api = task_api(self._shared.service, await self._start(), name)
+        response = await self._send(TASK_VERBS[op], f"{api.route}/{op}", None, self.timeout, api=api.name,
+                                    params={"task_id": task_id})
+        return api, response
 
     async def load_schema(self) -> dict[str, APIInfo]:
         """Fetch ``/openapi.json`` again (after the service was redeployed with other APIs); returns the APIs."""
@@ -421,11 +469,13 @@ class AsyncClient(_BaseClient[httpx.AsyncClient]):
         *,
         stream: bool = False,
         api: str | None = None,
+        params: dict[str, str] | None = None,
     ) -> httpx.Response:
         policy = RetryPolicy(self.max_retries, self.backoff)
         while True:
             try:
-                response = await self._shared.http.send(self._build(method, path, encoded, timeout), stream=stream)
+                response = await self._shared.http.send(self._build(method, path, encoded, timeout, params),
+                                                     stream=stream)
             except httpx.ConnectError as exc:
                 delay = policy.after_connect_error()
                 if delay is None:
@@ -442,6 +492,94 @@ class AsyncClient(_BaseClient[httpx.AsyncClient]):
                     raise error_from_response(response.status_code, response.headers, body, api)
                 await response.aclose()
             await asyncio.sleep(delay)
+
+
+class Task:
+    """A submitted task (``task = client.render.submit(prompt)``), with BentoML's methods: ``get_status()``,
+    ``get()``, ``cancel()``, ``retry()``; and ``status()`` (short for get_status), ``info()`` (status and times),
+    ``wait(timeout)``. The handle holds only the id, so it can be rebuilt elsewhere: ``client.get_task(name, id)``.
+    """
+
+    def __init__(self, client: Client, api: str, id: str) -> None:
+        self._client = client
+        self.api = api
+        self.id = id
+
+    def get_status(self) -> ResultStatus:
+        return self.info().status
+
+    status = get_status
+
+    def info(self) -> TaskInfo:
+        """The task's status and when it was created, started and finished."""
+        return TaskInfo.from_json(self._client._task_request(self.api, "status", self.id)[1].json())
+
+    def wait(self, timeout: float = 60.0) -> TaskInfo:
+        """Poll until the task finishes (completed, failed or canceled); APITimeoutError after ``timeout`` s."""
+        wait = TaskWait(self.api, self.id, timeout)
+        while not (info := self.info()).status.finished:
+            time.sleep(wait.pause(info))
+        return info
+
+    def get(self, wait: float | None = None) -> Any:
+        """The result, decoded as the API's own answer. A failed task raises the API's error (APIServerError
+        with its error_id); a canceled one APIClientError 410; one not finished APIClientError 409, unless
+        ``wait`` seconds are given to wait for it first."""
+        if wait is not None:
+            self.wait(wait)
+        api, response = self._client._task_request(self.api, "get", self.id)
+        return decode_body(api, response.headers.get("content-type"), response.content)
+
+    def cancel(self) -> TaskInfo:
+        """Cancel the task if it has not finished (APIClientError 409 if it has). A running sync call cannot be
+        interrupted: it runs to its end and its result is dropped."""
+        return TaskInfo.from_json(self._client._task_request(self.api, "cancel", self.id)[1].json())
+
+    def retry(self) -> Task:
+        """Run a failed task again with the same input, as a new task."""
+        return Task(self._client, self.api, self._client._task_request(self.api, "retry", self.id)[1].json()["task_id"])
+
+    def __repr__(self) -> str:
+        return f"<Task {self.id} of API {self.api!r}>"
+
+
+class AsyncTask:
+    """The async twin of `Task`: every method is awaited (``await task.get_status()``)."""
+
+    def __init__(self, client: AsyncClient, api: str, id: str) -> None:
+        self._client = client
+        self.api = api
+        self.id = id
+
+    async def get_status(self) -> ResultStatus:
+        return (await self.info()).status
+
+    status = get_status
+
+    async def info(self) -> TaskInfo:
+        return TaskInfo.from_json((await self._client._task_request(self.api, "status", self.id))[1].json())
+
+    async def wait(self, timeout: float = 60.0) -> TaskInfo:
+        wait = TaskWait(self.api, self.id, timeout)
+        while not (info := await self.info()).status.finished:
+            await asyncio.sleep(wait.pause(info))
+        return info
+
+    async def get(self, wait: float | None = None) -> Any:
+        if wait is not None:
+            await self.wait(wait)
+        api, response = await self._client._task_request(self.api, "get", self.id)
+        return decode_body(api, response.headers.get("content-type"), response.content)
+
+    async def cancel(self) -> TaskInfo:
+        return TaskInfo.from_json((await self._client._task_request(self.api, "cancel", self.id))[1].json())
+
+    async def retry(self) -> AsyncTask:
+        response = (await self._client._task_request(self.api, "retry", self.id))[1]
+        return AsyncTask(self._client, self.api, response.json()["task_id"])
+
+    def __repr__(self) -> str:
+        return f"<AsyncTask {self.id} of API {self.api!r}>"
 
 
 class EventStream:
