@@ -36,6 +36,8 @@ FAILED = "failed"
 CANCELED = "canceled"
 FINISHED = frozenset({COMPLETED, FAILED, CANCELED})
 
+STALE_TMP_S = 3600.0  # a temporary file this old was left by a process killed while writing it
+
 _TASK_ID = re.compile(r"[0-9a-f]{32}")
 _JSON = "application/json"
 
@@ -111,6 +113,8 @@ class TaskStore:
     def read(self, task_id: str) -> TaskRecord | None:
         """The record of ``task_id``; None when there is none (never made, expired, or evicted). A finished one
         past its TTL is removed here; an unfinished one whose process is gone is marked failed."""
+        if not valid_task_id(task_id):
+            return None
         record = self._load(task_id)
         if record is None:
             return None
@@ -160,22 +164,26 @@ class TaskStore:
     def finish(self, task_id: str, status: str, answer_status: int, answer_type: str, answer: bytes,
                kept_input: tuple[str, bytes] | None = None) -> bool:
         """Record how a task ended; False (and nothing kept) when it was canceled meanwhile."""
-        self._write_file(f"{task_id}.out", answer)
+        # The (maybe large) files are written before taking the lock, and put in place only if the task is kept:
+        # a task canceled meanwhile keeps the answer its cancel wrote.
+        staged = {".out": self._stage(answer)}
         if kept_input is not None:
-            self._write_file(f"{task_id}.in", kept_input[1])
-        with self._locked():
-            record = self._load(task_id)
-            if record is None or record.status in FINISHED:
-                kept = False
-            else:
+            staged[".in"] = self._stage(kept_input[1])
+        try:
+            with self._locked():
+                record = self._load(task_id)
+                if record is None or record.status in FINISHED:
+                    return False
+                for suffix, tmp in staged.items():
+                    os.replace(tmp, self.directory / f"{task_id}{suffix}")
                 record.status, record.completed_at = status, time.time()
                 record.answer_status, record.answer_type = answer_status, answer_type
                 record.input_type = kept_input[0] if kept_input is not None else None
                 self._write_record(record)
-                kept = True
-        if not kept:
-            self._remove_files(task_id, ".out", ".in")
-        return kept
+                return True
+        finally:
+            for tmp in staged.values():
+                tmp.unlink(missing_ok=True)
 
     def cancel(self, task_id: str) -> TaskRecord | None:
         """Mark a pending or running task canceled; the record as it is after (unchanged when it had finished)."""
@@ -205,11 +213,13 @@ class TaskStore:
 
     def sweep(self) -> int:
         """Forget finished tasks past the TTL, then the oldest finished ones past ``max_results``; remove the
-        lock files of processes that are gone. Returns how many tasks were forgotten."""
+        lock files of processes that are gone, and stale temporary files. Returns how many tasks were forgotten."""
         now = time.time()
         finished: list[tuple[float, str]] = []
         forgotten = 0
         for entry in os.scandir(self.directory):
+            if entry.name.endswith(".tmp") and now - entry.stat().st_mtime > STALE_TMP_S:
+                Path(entry.path).unlink(missing_ok=True)  # left by a process killed while writing
             if not entry.name.endswith(".json") or not valid_task_id(entry.name[:-5]):
                 continue
             task_id = entry.name[:-5]
@@ -248,9 +258,13 @@ class TaskStore:
         self._write_file(f"{record.task_id}.json", self._encoder.encode(record))
 
     def _write_file(self, name: str, data: bytes) -> None:
-        tmp = self.directory / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+        os.replace(self._stage(data), self.directory / name)
+
+    def _stage(self, data: bytes) -> Path:
+        """``data`` in a temporary file of the directory, to be renamed into place (or removed)."""
+        tmp = self.directory / f".{uuid.uuid4().hex}.tmp"
         tmp.write_bytes(data)
-        os.replace(tmp, self.directory / name)
+        return tmp
 
     def _remove(self, task_id: str) -> None:
         # The record first: a reader never finds a record whose answer is already gone, but for a moment.
