@@ -9,9 +9,7 @@ another attempt and how long to wait before it.
 from __future__ import annotations
 
 import base64
-import datetime
 import email.utils
-import enum
 import inspect
 import mimetypes
 import os
@@ -450,76 +448,6 @@ class ReadinessWait:
             raise APITimeoutError(f"{self.url} was not ready after {self.timeout:g} s (last answer: {self.detail})")
         interval, self.interval = self.interval, min(self.interval * 2, 0.5)
         return interval
-
-
-class ResultStatus(str, enum.Enum):
-    """Where a task stands, as BentoML names it; a str, so ``status == "completed"`` holds too."""
-
-    PENDING = "pending"
-    IN_PROGRESS = "in_progress"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELED = "canceled"
-
-    @property
-    def finished(self) -> bool:
-        return self in (ResultStatus.COMPLETED, ResultStatus.FAILED, ResultStatus.CANCELED)
-
-
-@dataclass(frozen=True)
-class TaskInfo:
-    """A task's status and times (UTC), as ``GET <route>/status`` answers them."""
-
-    id: str
-    status: ResultStatus
-    created_at: datetime.datetime | None
-    executed_at: datetime.datetime | None
-    completed_at: datetime.datetime | None
-
-    @classmethod
-    def from_json(cls, payload: Any) -> TaskInfo:
-        def when(key: str) -> datetime.datetime | None:
-            value = payload.get(key)
-            return datetime.datetime.fromisoformat(value) if isinstance(value, str) else None
-
-        return cls(str(payload["task_id"]), ResultStatus(payload["status"]), when("created_at"),
-                   when("executed_at"), when("completed_at"))
-
-
-TASK_VERBS = {"status": "GET", "get": "GET", "cancel": "PUT", "retry": "POST"}
-
-
-def task_api(service: str, apis: Mapping[str, APIInfo], name: str) -> APIInfo:
-    """The task API ``name``; TypeError for an API that is not a task, AttributeError for no such API."""
-    if name not in apis:
-        raise unknown_api(service, name, apis)
-    api = apis[name]
-    if not api.task:
-        raise TypeError(f"API {name!r} of service {service!r} is not a task (declared with @api, not @task): "
-                        f"call it directly, client.{name}(...)")
-    return api
-
-
-class TaskWait:
-    """Polling a task's status until it finishes: how long to pause between polls, and when to give up."""
-
-    def __init__(self, api: str, task_id: str, timeout: float) -> None:
-        self.api = api
-        self.task_id = task_id
-        self.timeout = timeout
-        self.deadline = time.monotonic() + timeout
-        self.interval = 0.05
-
-    def pause(self, info: TaskInfo) -> float:
-        """Seconds to sleep before the next poll; APITimeoutError when the deadline would pass first."""
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise APITimeoutError(
-                f"task {self.task_id} of API {self.api!r} did not finish within {self.timeout:g} s "
-                f"(status: {info.status.value})"
-            )
-        interval, self.interval = self.interval, min(self.interval * 2, 1.0)
-        return min(interval, left)
 
 
 class APIMethod:

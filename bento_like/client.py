@@ -28,13 +28,9 @@ from ._client_core import (
     APITimeoutError,
     EncodedRequest,
     PendingMethod,
-    TASK_VERBS,
     ReadinessWait,
-    ResultStatus,
     RetryPolicy,
     SSEParser,
-    TaskInfo,
-    TaskWait,
     bind_arguments,
     decode_body,
     decode_event,
@@ -42,9 +38,9 @@ from ._client_core import (
     error_from_response,
     media_type,
     parse_openapi,
-    task_api,
     unknown_api,
 )
+from ._client_tasks import TASK_VERBS, AsyncTask, ResultStatus, Task, TaskInfo, task_api
 
 __all__ = [
     "APIClientError",
@@ -492,94 +488,6 @@ class AsyncClient(_BaseClient[httpx.AsyncClient]):
                     raise error_from_response(response.status_code, response.headers, body, api)
                 await response.aclose()
             await asyncio.sleep(delay)
-
-
-class Task:
-    """A submitted task (``task = client.render.submit(prompt)``), with BentoML's methods: ``get_status()``,
-    ``get()``, ``cancel()``, ``retry()``; and ``status()`` (short for get_status), ``info()`` (status and times),
-    ``wait(timeout)``. The handle holds only the id, so it can be rebuilt elsewhere: ``client.get_task(name, id)``.
-    """
-
-    def __init__(self, client: Client, api: str, id: str) -> None:
-        self._client = client
-        self.api = api
-        self.id = id
-
-    def get_status(self) -> ResultStatus:
-        return self.info().status
-
-    status = get_status
-
-    def info(self) -> TaskInfo:
-        """The task's status and when it was created, started and finished."""
-        return TaskInfo.from_json(self._client._task_request(self.api, "status", self.id)[1].json())
-
-    def wait(self, timeout: float = 60.0) -> TaskInfo:
-        """Poll until the task finishes (completed, failed or canceled); APITimeoutError after ``timeout`` s."""
-        wait = TaskWait(self.api, self.id, timeout)
-        while not (info := self.info()).status.finished:
-            time.sleep(wait.pause(info))
-        return info
-
-    def get(self, wait: float | None = None) -> Any:
-        """The result, decoded as the API's own answer. A failed task raises the API's error (APIServerError
-        with its error_id); a canceled one APIClientError 410; one not finished APIClientError 409, unless
-        ``wait`` seconds are given to wait for it first."""
-        if wait is not None:
-            self.wait(wait)
-        api, response = self._client._task_request(self.api, "get", self.id)
-        return decode_body(api, response.headers.get("content-type"), response.content)
-
-    def cancel(self) -> TaskInfo:
-        """Cancel the task if it has not finished (APIClientError 409 if it has). A running sync call cannot be
-        interrupted: it runs to its end and its result is dropped."""
-        return TaskInfo.from_json(self._client._task_request(self.api, "cancel", self.id)[1].json())
-
-    def retry(self) -> Task:
-        """Run a failed task again with the same input, as a new task."""
-        return Task(self._client, self.api, self._client._task_request(self.api, "retry", self.id)[1].json()["task_id"])
-
-    def __repr__(self) -> str:
-        return f"<Task {self.id} of API {self.api!r}>"
-
-
-class AsyncTask:
-    """The async twin of `Task`: every method is awaited (``await task.get_status()``)."""
-
-    def __init__(self, client: AsyncClient, api: str, id: str) -> None:
-        self._client = client
-        self.api = api
-        self.id = id
-
-    async def get_status(self) -> ResultStatus:
-        return (await self.info()).status
-
-    status = get_status
-
-    async def info(self) -> TaskInfo:
-        return TaskInfo.from_json((await self._client._task_request(self.api, "status", self.id))[1].json())
-
-    async def wait(self, timeout: float = 60.0) -> TaskInfo:
-        wait = TaskWait(self.api, self.id, timeout)
-        while not (info := await self.info()).status.finished:
-            await asyncio.sleep(wait.pause(info))
-        return info
-
-    async def get(self, wait: float | None = None) -> Any:
-        if wait is not None:
-            await self.wait(wait)
-        api, response = await self._client._task_request(self.api, "get", self.id)
-        return decode_body(api, response.headers.get("content-type"), response.content)
-
-    async def cancel(self) -> TaskInfo:
-        return TaskInfo.from_json((await self._client._task_request(self.api, "cancel", self.id))[1].json())
-
-    async def retry(self) -> AsyncTask:
-        response = (await self._client._task_request(self.api, "retry", self.id))[1]
-        return AsyncTask(self._client, self.api, response.json()["task_id"])
-
-    def __repr__(self) -> str:
-        return f"<AsyncTask {self.id} of API {self.api!r}>"
 
 
 class EventStream:

@@ -154,6 +154,15 @@ def test_a_failing_task_answers_its_error_and_can_be_retried(server: Server, htt
     assert error_id != body["error_id"]
     traceback = server.log().split(f"error {error_id} in task {retried}")[1]
     assert "task failed on purpose: boom" in traceback  # the same input ran again
+    r = http.post("/fail/submit", data={"message": "from a form"}, files={"unused": ("u.txt", b"u")})
+    assert r.status_code == 422  # a form is decoded as POST /fail decodes it: no unknown fields
+    r = http.post("/fail/submit", files={"message": (None, "from a form")})
+    form_task = r.json()["task_id"]
+    wait_for(http, "fail", form_task, "failed")
+    retried = http.post("/fail/retry", params={"task_id": form_task}).json()["task_id"]
+    wait_for(http, "fail", retried, "failed")  # the kept multipart body, boundary and all, decodes again
+    error_id = http.get("/fail/get", params={"task_id": retried}).json()["error_id"]
+    assert "task failed on purpose: from a form" in server.log().split(f"error {error_id} in task {retried}")[1]
     done = submit(http, "repeat", item={"text": "x"})
     wait_for(http, "repeat", done, "completed")
     r = http.post("/repeat/retry", params={"task_id": done})
