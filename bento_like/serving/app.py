@@ -320,6 +320,10 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_st
     state.metrics.abandoned_calls.collect = lambda: {
         (str(inst.index),): len(inst.runner.abandoned()) for inst in state.pool.instances
     }
+    state.metrics.tasks_held.collect = lambda: {
+        key: value for task in tasks
+        for key, value in (((task.name, "pending"), len(task.pending)), ((task.name, "in_progress"), len(task.running)))
+    }
     state.metrics.queue_depth.collect = lambda: {
         (ep.name,): ep.batcher.queued_requests for ep in endpoints if ep.batcher is not None
     }

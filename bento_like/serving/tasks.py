@@ -153,10 +153,12 @@ class TaskRoutes:
     async def _run(self, job: Job) -> None:
         try:
             if not await asyncio.to_thread(self.store.start, job.task_id):
-                return  # canceled while pending, by a request to another worker
+                self._ended(CANCELED)  # while pending, by a request to another worker
+                return
             outcome = await self._execute(job)
             if not job.canceled:
                 kept = await asyncio.to_thread(self.store.finish, job.task_id, *outcome)
+                self._ended(outcome[0] if kept else CANCELED)
                 log.info("task %s of API %r %s", job.task_id, self.name, outcome[0] if kept else "was canceled")
         except asyncio.CancelledError:
             if not job.canceled:  # the server is stopping: stop() records the task as interrupted
@@ -211,11 +213,13 @@ class TaskRoutes:
             if job.task_id == task_id:
                 job.canceled = True
                 self.pending.remove(job)
+                self._ended(CANCELED)
                 return
         job = self.running.get(task_id)
-        if job is None:
+        if job is None or job.canceled:
             return
         job.canceled = True
+        self._ended(CANCELED)
         if self.endpoint.is_async and self.endpoint.batcher is None and job.task is not None:
             job.task.cancel()
 
@@ -233,14 +237,19 @@ class TaskRoutes:
 
     # -- helpers ----------------------------------------------------------------------------------------------
 
+    def _ended(self, status: str) -> None:
+        self.endpoint.state.metrics.tasks.inc((self.name, status))
+
     def _admit(self) -> None:
         state = self.endpoint.state
         if not state.ready:
+            state.metrics.rejections.inc((self.name, "not_ready"))
             if state.failure:
                 raise HTTPError(503, f"service {state.spec.name!r} failed to start: {state.failure}")
             raise unavailable(f"service {state.spec.name!r} is starting: its instances are not ready yet", 1)
         held = len(self.pending) + len(self.running)
         if held >= state.max_queue:
+            state.metrics.rejections.inc((self.name, "queue_full"))
             raise too_many_requests(
                 f"task API {self.name!r} holds {held} tasks pending or running, its limit (max_queue); "
                 "submit again later", RETRY_AFTER_S, "queue_full",

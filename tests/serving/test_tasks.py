@@ -210,6 +210,14 @@ def test_submit_past_max_queue_is_429_with_retry_after(http: httpx.Client) -> No
     wait_for(http, "slow", submit(http, "slow", label="room again"), "completed", timeout=SLOW_S * 3 + 5)
 
 
+def test_metrics_count_tasks(http: httpx.Client) -> None:
+    metrics = http.get("/metrics").text
+    assert re.search(r'bento_like_tasks_total\{api="repeat",status="completed"\} [1-9]', metrics)
+    assert re.search(r'bento_like_tasks_total\{api="slow",status="canceled"\} [1-9]', metrics)
+    assert re.search(r'bento_like_rejections_total\{api="slow",reason="queue_full"\} [1-9]', metrics)
+    assert 'bento_like_tasks{api="slow",status="pending"} 0' in metrics
+
+
 def test_openapi_lists_the_task_routes(http: httpx.Client) -> None:
     spec = http.get("/openapi.json").json()
     paths = spec["paths"]
