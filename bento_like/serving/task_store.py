@@ -185,11 +185,14 @@ class TaskStore:
             for tmp in staged.values():
                 tmp.unlink(missing_ok=True)
 
-    def cancel(self, task_id: str) -> TaskRecord | None:
-        """Mark a pending or running task canceled; the record as it is after (unchanged when it had finished)."""
+    def cancel(self, task_id: str, api: str) -> TaskRecord | None:
+        """Mark a pending or running task of ``api`` canceled; the record as it is after (unchanged when it had
+        finished), or None when ``api`` has no such task."""
         with self._locked():
             record = self._load(task_id)
-            if record is None or record.status in FINISHED:
+            if record is None or record.api != api:
+                return None
+            if record.status in FINISHED:
                 return record
             message = f"task {task_id} was canceled"
             self._write_file(f"{task_id}.out", msgspec.json.encode({"error": message, "status": 410}))

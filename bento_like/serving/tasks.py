@@ -99,8 +99,8 @@ class TaskRoutes:
 
     async def cancel(self, request: Request) -> Response:
         task_id = self._task_id(request)
-        record = await asyncio.to_thread(self.store.cancel, task_id)
-        if record is None or record.api != self.name:
+        record = await asyncio.to_thread(self.store.cancel, task_id, self.name)
+        if record is None:
             raise self._unknown(task_id)
         if record.status != CANCELED:
             raise HTTPError(

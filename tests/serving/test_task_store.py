@@ -45,12 +45,13 @@ def test_a_task_goes_pending_running_completed(store: TaskStore) -> None:
 def test_a_canceled_task_keeps_its_cancel_and_drops_the_late_result(store: TaskStore) -> None:
     record = store.create("api")
     store.start(record.task_id)
-    assert store.cancel(record.task_id).status == CANCELED
+    assert store.cancel(record.task_id, "api").status == CANCELED
     assert not store.finish(record.task_id, COMPLETED, 200, "application/json", b"late", ("application/json", b"{}"))
     assert store.read(record.task_id).status == CANCELED
     assert msgspec.json.decode(store.answer(record.task_id))["status"] == 410
     assert store.kept_input(record.task_id) is None
-    assert store.cancel(finished(store)).status == COMPLETED  # a finished task is left as it is
+    assert store.cancel(finished(store), "api").status == COMPLETED  # a finished task is left as it is
+    assert store.cancel(store.create("api").task_id, "other") is None  # another API's task is not touched
 
 
 def test_a_failed_task_keeps_its_input_for_a_retry(store: TaskStore) -> None:

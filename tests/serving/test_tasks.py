@@ -182,9 +182,10 @@ def test_unknown_malformed_and_missing_task_ids(http: httpx.Client, op: str, met
 
 
 def test_a_task_of_another_api_is_unknown_here(http: httpx.Client) -> None:
-    task_id = submit(http, "add", a=1)
-    r = http.get("/repeat/status", params={"task_id": task_id})
-    assert r.status_code == 404
+    task_id = submit(http, "aslow", label="another API's")
+    for method, op in (("GET", "status"), ("GET", "get"), ("PUT", "cancel"), ("POST", "retry")):
+        assert http.request(method, f"/repeat/{op}", params={"task_id": task_id}).status_code == 404
+    assert wait_for(http, "aslow", task_id, "completed")  # the cancel above did not touch it
 
 
 def test_bad_input_is_refused_at_submit_like_the_api_refuses_it(http: httpx.Client) -> None:
