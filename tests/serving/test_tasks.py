@@ -309,26 +309,45 @@ def test_results_survive_a_restart_and_a_stop_fails_running_tasks(start_server, 
 def test_two_workers_share_the_store_and_results_expire(start_server, tmp_path: Path) -> None:
     env = _env(tmp_path / "state", BENTO_LIKE_TASK_RESULT_TTL_S="4")
     server = start_server("tasks.py:Tasks", cwd=SERVICES, args=["--workers", "2"], env=env)
-    ids = []
-    for i in range(6):  # a new connection each: the kernel spreads them over the workers
-        r = httpx.post(server.url + "/repeat/submit", json={"item": {"text": str(i)}})
-        ids.append(r.json()["task_id"])
-    pids = set()
+    by_pid: dict[int, httpx.Client] = {}  # a kept-alive connection stays with the worker that accepted it
     deadline = time.monotonic() + 10
-    while len(pids) < 2 and time.monotonic() < deadline:
-        pids.add(httpx.post(server.url + "/seen", json={}).json()["pid"])
-    assert len(pids) == 2, "SO_REUSEPORT sent every connection to one worker"
-    for i, task_id in enumerate(ids):
-        for _ in range(4):  # whichever worker answers, and whichever ran it
-            r = httpx.get(server.url + "/repeat/status", params={"task_id": task_id})
-            while r.json()["status"] != "completed":
-                time.sleep(0.02)
-                r = httpx.get(server.url + "/repeat/status", params={"task_id": task_id})
-            assert httpx.get(server.url + "/repeat/get", params={"task_id": task_id}).text == str(i)
-    time.sleep(4.5)
-    r = httpx.get(server.url + "/repeat/get", params={"task_id": ids[0]})
-    assert r.status_code == 404 and "forgotten" in r.json()["error"]
-    deadline = time.monotonic() + 5
-    while any((tmp_path / "state" / "Tasks" / "tasks" / f"{t}.out").exists() for t in ids):
-        assert time.monotonic() < deadline, "expired results were not removed from disk"
-        time.sleep(0.2)
+    while len(by_pid) < 2:
+        assert time.monotonic() < deadline, "SO_REUSEPORT sent every connection to one worker"
+        client = httpx.Client(base_url=server.url, timeout=10)
+        pid = client.post("/seen", json={}).json()["pid"]
+        if pid in by_pid:
+            client.close()
+        else:
+            by_pid[pid] = client
+    a, b = by_pid.values()
+    try:
+        ids = [submit(a, "repeat", item={"text": str(i)}) for i in range(3)]
+        for i, task_id in enumerate(ids):  # the other worker answers for tasks it did not run
+            wait_for(b, "repeat", task_id, "completed")
+            assert b.get("/repeat/get", params={"task_id": task_id}).text == str(i)
+
+        running = submit(a, "slow", label="cross-running")
+        pending = submit(a, "slow", label="cross-pending")
+        wait_for(b, "slow", running, "in_progress")
+        for task_id in (running, pending):  # canceled through the worker that does not hold them
+            assert b.put("/slow/cancel", params={"task_id": task_id}).json()["status"] == "canceled"
+        deadline = time.monotonic() + SLOW_S + 5
+        while "cross-running" not in a.post("/seen", json={}).json()["slow_runs"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.3)  # the pending one would have started by now
+        assert "cross-pending" not in a.post("/seen", json={}).json()["slow_runs"]
+        for task_id in (running, pending):
+            assert a.get("/slow/status", params={"task_id": task_id}).json()["status"] == "canceled"
+            assert a.get("/slow/get", params={"task_id": task_id}).status_code == 410
+
+        time.sleep(4.5)  # the TTL: every finished task is forgotten, on disk too
+        r = b.get("/repeat/get", params={"task_id": ids[0]})
+        assert r.status_code == 404 and "forgotten" in r.json()["error"]
+        deadline = time.monotonic() + 5
+        while any((tmp_path / "state" / "Tasks" / "tasks" / f"{t}.out").exists() for t in [*ids, running, pending]):
+            assert time.monotonic() < deadline, "expired results were not removed from disk"
+            time.sleep(0.2)
+    finally:
+        a.close()
+        b.close()
