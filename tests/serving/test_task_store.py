@@ -117,3 +117,18 @@ def test_stale_temporary_files_are_swept(store: TaskStore) -> None:
     os.utime(stale, (old, old))
     store.sweep()
     assert not stale.exists()
+
+
+def test_the_settings_come_from_the_environment_and_are_checked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from bento_like.serving.tuning import SettingsError, Tuning
+
+    tasks = Tuning.from_env({"BENTO_LIKE_STATE_DIR": str(tmp_path), "BENTO_LIKE_TASK_RESULT_TTL_S": "5",
+                             "BENTO_LIKE_TASK_MAX_RESULTS": "7", "BENTO_LIKE_TASK_TIMEOUT_S": "600"}).tasks
+    assert (tasks.result_ttl_s, tasks.max_results, tasks.timeout_s) == (5.0, 7, 600.0)
+    assert tasks.directory("Svc") == str(tmp_path / "Svc" / "tasks")
+    monkeypatch.setenv("BENTO_LIKE_HOME", str(tmp_path / "home"))
+    assert Tuning.from_env({}).tasks.directory("Svc") == str(tmp_path / "home" / "state" / "Svc" / "tasks")
+    with pytest.raises(SettingsError, match="BENTO_LIKE_TASK_RESULT_TTL_S must be > 0"):
+        Tuning.from_env({"BENTO_LIKE_TASK_RESULT_TTL_S": "0"})
+    with pytest.raises(SettingsError, match="BENTO_LIKE_TASK_MAX_RESULTS must be an integer"):
+        Tuning.from_env({"BENTO_LIKE_TASK_MAX_RESULTS": "many"})
