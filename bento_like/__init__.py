@@ -24,6 +24,7 @@ from .sdk import (
     on_shutdown,
     on_startup,
     service,
+    task,
 )
 
 __version__ = "0.1.0"
@@ -51,6 +52,7 @@ __all__ = [
     "on_startup",
     "opt",
     "service",
+    "task",
     "validators",
 ]
 

@@ -94,6 +94,7 @@ class APIInfo:
     summary: str | None = None
     batchable: bool = False
     method: str = "POST"
+    task: bool = False  # also served as a task: ``client.<name>.submit(...)``
 
     @property
     def raw_input(self) -> str | None:
@@ -130,6 +131,7 @@ def parse_openapi(doc: Any) -> tuple[str, dict[str, APIInfo]]:
             summary=post.get("summary"),
             batchable=bool(ext.get("batchable", False)),
             method=str(ext.get("method") or "POST").upper(),
+            task=bool(ext.get("task", False)),
         )
     return service, apis
 
@@ -483,6 +485,23 @@ class APIMethod:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._client.call(self.api.name, *args, **kwargs)
 
+    # BentoML's task methods: by task id, on the API. A handle from submit() has the same without the id.
+    def submit(self, *args: Any, **kwargs: Any) -> Any:
+        """Submit a task of this API: returns a Task handle at once (awaitable with AsyncClient)."""
+        return self._client.submit_task(self.api.name, *args, **kwargs)
+
+    def get_status(self, task_id: str) -> Any:
+        return self._client.get_task(self.api.name, task_id).get_status()
+
+    def get(self, task_id: str, wait: float | None = None) -> Any:
+        return self._client.get_task(self.api.name, task_id).get(wait=wait)
+
+    def cancel(self, task_id: str) -> Any:
+        return self._client.get_task(self.api.name, task_id).cancel()
+
+    def retry(self, task_id: str) -> Any:
+        return self._client.get_task(self.api.name, task_id).retry()
+
     def __repr__(self) -> str:
         return f"<API {self.api.name}{self.__signature__} at {self._client.url}>"
 
@@ -496,6 +515,21 @@ class PendingMethod:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._client.call(self.__name__, *args, **kwargs)
+
+    def submit(self, *args: Any, **kwargs: Any) -> Any:
+        return self._client.submit_task(self.__name__, *args, **kwargs)
+
+    def get_status(self, task_id: str) -> Any:
+        return self._client.get_task(self.__name__, task_id).get_status()
+
+    def get(self, task_id: str, wait: float | None = None) -> Any:
+        return self._client.get_task(self.__name__, task_id).get(wait=wait)
+
+    def cancel(self, task_id: str) -> Any:
+        return self._client.get_task(self.__name__, task_id).cancel()
+
+    def retry(self, task_id: str) -> Any:
+        return self._client.get_task(self.__name__, task_id).retry()
 
     def __repr__(self) -> str:
         return f"<API {self.__name__} at {self._client.url} (schema not loaded yet)>"

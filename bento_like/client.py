@@ -40,6 +40,7 @@ from ._client_core import (
     parse_openapi,
     unknown_api,
 )
+from ._client_tasks import TASK_VERBS, AsyncTask, ResultStatus, Task, TaskInfo, task_api
 
 __all__ = [
     "APIClientError",
@@ -51,14 +52,19 @@ __all__ = [
     "APITimeoutError",
     "AsyncClient",
     "AsyncEventStream",
+    "AsyncTask",
     "AsyncTextStream",
     "Client",
     "EventStream",
+    "ResultStatus",
+    "Task",
+    "TaskInfo",
     "TextStream",
 ]
 
 # Users import the errors and APIInfo from here; tracebacks and reprs should say so.
-for _public in (APIError, APIClientError, APIServerError, APIStreamError, APIConnectionError, APITimeoutError, APIInfo):
+for _public in (APIError, APIClientError, APIServerError, APIStreamError, APIConnectionError, APITimeoutError, APIInfo,
+                ResultStatus, TaskInfo):
     _public.__module__ = __name__
 del _public
 
@@ -171,17 +177,18 @@ class _BaseClient(Generic[H]):
         return apis[name]
 
     def _build(
-        self, method: str, path: str, encoded: EncodedRequest | None, timeout: float | None
+        self, method: str, path: str, encoded: EncodedRequest | None, timeout: float | None,
+        params: dict[str, str] | None = None,
     ) -> httpx.Request:
         encoded = encoded or EncodedRequest(headers={})
         return self._shared.http.build_request(
             method,
             path,
+            params=params if params is not None else encoded.params,
             headers={**self.headers, **encoded.headers},
             content=encoded.content,
             data=encoded.data,
             files=encoded.files,
-            params=encoded.params,
             timeout=httpx.Timeout(timeout),
         )
 
@@ -244,6 +251,23 @@ class Client(_BaseClient[httpx.Client]):
         response = self._send(api.method, api.route, encoded, timeout, api=api.name)
         return decode_body(api, response.headers.get("content-type"), response.content)
 
+    def submit_task(self, name: str, /, *args: Any, **kwargs: Any) -> Task:
+        """Submit a task by name: the same as ``getattr(client, name).submit(*args, **kwargs)``."""
+        api = task_api(self._shared.service, self._loaded_apis(), name)
+        encoded, timeout = self._prepare(api, args, kwargs)
+        response = self._send("POST", api.route + "/submit", encoded, timeout, api=api.name)
+        return Task(self, api.name, response.json()["task_id"])
+
+    def get_task(self, name: str, task_id: str) -> Task:
+        """A handle on a task submitted before (by this client or another) from its id."""
+        return Task(self, name, task_id)
+
+    def _task_request(self, name: str, op: str, task_id: str) -> tuple[APIInfo, httpx.Response]:
+        api = task_api(self._shared.service, self._loaded_apis(), name)
+        response = self._send(TASK_VERBS[op], f"{api.route}/{op}", None, self.timeout, api=api.name,
+                              params={"task_id": task_id})
+        return api, response
+
     def load_schema(self) -> dict[str, APIInfo]:
         """Fetch ``/openapi.json`` again (after the service was redeployed with other APIs); returns the APIs."""
         response = self._send("GET", "/openapi.json", None, self.timeout)
@@ -302,11 +326,13 @@ class Client(_BaseClient[httpx.Client]):
         *,
         stream: bool = False,
         api: str | None = None,
+        params: dict[str, str] | None = None,
     ) -> httpx.Response:
         policy = RetryPolicy(self.max_retries, self.backoff)
         while True:
             try:
-                response = self._shared.http.send(self._build(method, path, encoded, timeout), stream=stream)
+                response = self._shared.http.send(self._build(method, path, encoded, timeout, params),
+                                                     stream=stream)
             except httpx.ConnectError as exc:
                 delay = policy.after_connect_error()
                 if delay is None:
@@ -358,6 +384,23 @@ class AsyncClient(_BaseClient[httpx.AsyncClient]):
             return AsyncTextStream(api, await self._send(api.method, api.route, encoded, timeout, stream=True, api=api.name))
         response = await self._send(api.method, api.route, encoded, timeout, api=api.name)
         return decode_body(api, response.headers.get("content-type"), response.content)
+
+    async def submit_task(self, name: str, /, *args: Any, **kwargs: Any) -> AsyncTask:
+        """Submit a task by name: the same as ``await getattr(client, name).submit(*args, **kwargs)``."""
+        api = task_api(self._shared.service, await self._start(), name)
+        encoded, timeout = self._prepare(api, args, kwargs)
+        response = await self._send("POST", api.route + "/submit", encoded, timeout, api=api.name)
+        return AsyncTask(self, api.name, response.json()["task_id"])
+
+    def get_task(self, name: str, task_id: str) -> AsyncTask:
+        """A handle on a task submitted before (by this client or another) from its id."""
+        return AsyncTask(self, name, task_id)
+
+    async def _task_request(self, name: str, op: str, task_id: str) -> tuple[APIInfo, httpx.Response]:
+        api = task_api(self._shared.service, await self._start(), name)
+        response = await self._send(TASK_VERBS[op], f"{api.route}/{op}", None, self.timeout, api=api.name,
+                                    params={"task_id": task_id})
+        return api, response
 
     async def load_schema(self) -> dict[str, APIInfo]:
         """Fetch ``/openapi.json`` again (after the service was redeployed with other APIs); returns the APIs."""
@@ -428,11 +471,13 @@ class AsyncClient(_BaseClient[httpx.AsyncClient]):
         *,
         stream: bool = False,
         api: str | None = None,
+        params: dict[str, str] | None = None,
     ) -> httpx.Response:
         policy = RetryPolicy(self.max_retries, self.backoff)
         while True:
             try:
-                response = await self._shared.http.send(self._build(method, path, encoded, timeout), stream=stream)
+                response = await self._shared.http.send(self._build(method, path, encoded, timeout, params),
+                                                     stream=stream)
             except httpx.ConnectError as exc:
                 delay = policy.after_connect_error()
                 if delay is None:

@@ -115,6 +115,7 @@ class APIDescription:
             **({"method": self.config.method} if self.config.method != "POST" else {}),
             "max_batch_size": self.config.max_batch_size,
             "max_latency_ms": self.config.max_latency_ms,
+            "task": self.config.task,
         }
 
 
@@ -371,8 +372,12 @@ def openapi_document(service_name: str, version: str, descriptions: list[APIDesc
         }
         operation[API_EXTENSION] = d.extension()
         paths[d.route] = {d.config.method.lower(): operation}
+        if d.config.task:
+            paths.update(_task_paths(d, operation))
     for path, summary in (("/livez", "Alive"), ("/readyz", "Ready to serve"), ("/metrics", "Prometheus metrics")):
         paths[path] = {"get": {"summary": summary, "responses": {"200": {"description": "OK"}}}}
+    if any(d.config.task for d in descriptions):
+        components["TaskStatus"] = _TASK_STATUS_SCHEMA
     return {
         "openapi": "3.1.0",
         "info": {"title": service_name, "version": version},
@@ -390,6 +395,55 @@ def _validated_by_pydantic(tp: Any) -> bool:
     except ServiceDefinitionError:
         return False
     return False
+_TASK_STATUS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "task_id": {"type": "string"},
+        "status": {"type": "string", "enum": ["pending", "in_progress", "completed", "failed", "canceled"]},
+        "created_at": {"type": "string", "format": "date-time"},
+        "executed_at": {"anyOf": [{"type": "string", "format": "date-time"}, {"type": "null"}]},
+        "completed_at": {"anyOf": [{"type": "string", "format": "date-time"}, {"type": "null"}]},
+    },
+    "required": ["task_id", "status"],
+}
+
+
+def _task_paths(d: APIDescription, operation: dict[str, Any]) -> dict[str, Any]:
+    """The routes of a task (docs/tasks.md): submit takes the API's body; the others take ``?task_id=``."""
+    task_id = [{"name": "task_id", "in": "query", "required": True,
+                "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}]
+    status = {"description": "The task's status", "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/TaskStatus"}}}}
+    unknown = _error_response("No such task (never submitted, or forgotten past the result TTL)")
+    submitted = {"200": status, **{k: v for k, v in operation["responses"].items() if k in ("400", "413", "415",
+                                                                                             "422", "429", "503")}}
+    base = {"x-bento-task": d.name}
+    return {
+        f"{d.route}/submit": {"post": {
+            **base, "operationId": f"{d.name}_submit", "summary": f"Submit a task of {d.name}",
+            "requestBody": operation["requestBody"], "responses": submitted}},
+        f"{d.route}/status": {"get": {
+            **base, "operationId": f"{d.name}_status", "summary": f"The status of a task of {d.name}",
+            "parameters": task_id, "responses": {"200": status, "404": unknown}}},
+        f"{d.route}/get": {"get": {
+            **base, "operationId": f"{d.name}_get", "summary": f"The result of a finished task of {d.name}",
+            "parameters": task_id, "responses": {
+                "200": operation["responses"]["200"], "404": unknown,
+                "409": _error_response("The task is not finished yet"),
+                "410": _error_response("The task was canceled: it has no result"),
+                "500": _error_response("The task failed; `error_id` matches the traceback in the server log"),
+                "504": _error_response("The task did not finish within its run limit"),
+            }}},
+        f"{d.route}/cancel": {"put": {
+            **base, "operationId": f"{d.name}_cancel", "summary": f"Cancel a pending or running task of {d.name}",
+            "parameters": task_id, "responses": {
+                "200": status, "404": unknown, "409": _error_response("The task had already finished")}}},
+        f"{d.route}/retry": {"post": {
+            **base, "operationId": f"{d.name}_retry", "summary": f"Run a failed task of {d.name} again, as a new task",
+            "parameters": task_id, "responses": {
+                "200": status, "404": unknown, "409": _error_response("The task did not fail, or kept no input"),
+                "429": operation["responses"]["429"]}}},
+    }
 
 
 def _error_response(text: str) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Declarations: what a service is, never how it runs. Importing this starts nothing and imports no framework."""
 
-from .api import APIConfig, ServiceDefinitionError, api
+from .api import APIConfig, ServiceDefinitionError, api, task
 from .context import Context, Cookie
 from .io import DType, File, Shape
 from .service import (
@@ -39,4 +39,5 @@ __all__ = [
     "on_shutdown",
     "on_startup",
     "service",
+    "task",
 ]

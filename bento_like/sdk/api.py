@@ -1,4 +1,4 @@
-"""`@api`: marks a service method as an HTTP endpoint and declares how requests reach it.
+"""`@api` and `@task`: mark a service method as an HTTP endpoint and declare how requests reach it.
 
 The decorator only records a declaration on the function (``func.__bento_api__``) and returns the
 function unchanged, so a service method stays an ordinary method that code and tests can call directly.
@@ -42,6 +42,7 @@ class APIConfig:
     warmup_timeout: float = DEFAULT_WARMUP_TIMEOUT
     context: str | None = None  # the parameter annotated bl.Context, which the runtime fills per request
     method: str = "POST"  # GET: inputs arrive as query parameters
+    task: bool = False  # also served as a task: submitted, then polled (docs/tasks.md)
 
     @property
     def input_batch_dim(self) -> int:
@@ -86,7 +87,7 @@ def api(
     warmup_timeout: float = DEFAULT_WARMUP_TIMEOUT,
     method: str = "POST",
 ) -> Any:
-    """Expose a service method as ``POST /<route>``.
+    """Expose a service method as ``POST /<route>`` (``GET``, with query parameters, for ``method="GET"``).
 
     Used bare (``@api``) or with options (``@api(route="/v1/predict", batchable=True)``). Arguments arrive as a
     JSON object keyed by parameter name. A batchable API takes exactly one input; the runtime may merge several
@@ -99,11 +100,86 @@ def api(
     fails or runs longer keeps the server from turning ready. A batchable API's warm-up also seeds its
     batcher's latency model.
     """
+    return _declare(
+        func, False, route=route, name=name, batchable=batchable, max_batch_size=max_batch_size,
+        max_latency_ms=max_latency_ms, batch_dim=batch_dim, preferred_batch_sizes=preferred_batch_sizes,
+        warmup=warmup, warmup_timeout=warmup_timeout, method=method,
+    )
+
+
+@overload
+def task(func: F) -> F: ...
+
+
+@overload
+def task(
+    *,
+    route: str | None = None,
+    name: str | None = None,
+    batchable: bool = False,
+    max_batch_size: int = 64,
+    max_latency_ms: float = 1000.0,
+    batch_dim: int | tuple[int, int] = 0,
+    preferred_batch_sizes: list[int] | tuple[int, ...] | None = None,
+    warmup: Warmup = False,
+    warmup_timeout: float = DEFAULT_WARMUP_TIMEOUT,
+) -> Callable[[F], F]: ...
+
+
+def task(
+    func: Callable[..., Any] | None = None,
+    *,
+    route: str | None = None,
+    name: str | None = None,
+    batchable: bool = False,
+    max_batch_size: int = 64,
+    max_latency_ms: float = 1000.0,
+    batch_dim: int | tuple[int, int] = 0,
+    preferred_batch_sizes: list[int] | tuple[int, ...] | None = None,
+    warmup: Warmup = False,
+    warmup_timeout: float = DEFAULT_WARMUP_TIMEOUT,
+) -> Any:
+    """Expose a service method as a task: ``POST /<route>/submit`` answers at once with a task id, and
+    ``GET /<route>/status``, ``GET /<route>/get``, ``PUT /<route>/cancel`` and ``POST /<route>/retry`` follow it
+    (docs/tasks.md). ``POST /<route>`` still calls it and waits, as for an ``@api``.
+
+    Takes the options of ``@api``: a batchable task runs through the API's batcher with the requests of its
+    route. A task cannot stream (a generator has no single result to keep).
+    """
+    return _declare(
+        func, True, route=route, name=name, batchable=batchable, max_batch_size=max_batch_size,
+        max_latency_ms=max_latency_ms, batch_dim=batch_dim, preferred_batch_sizes=preferred_batch_sizes,
+        warmup=warmup, warmup_timeout=warmup_timeout,
+    )
+
+
+def _declare(
+    func: Callable[..., Any] | None,
+    is_task: bool,
+    *,
+    route: str | None,
+    name: str | None,
+    batchable: bool,
+    max_batch_size: int,
+    max_latency_ms: float,
+    batch_dim: int | tuple[int, int],
+    preferred_batch_sizes: list[int] | tuple[int, ...] | None,
+    warmup: Warmup,
+    warmup_timeout: float,
+    method: str = "POST",
+) -> Any:
+    """The one implementation behind ``@api`` and ``@task``: checks the options, records the APIConfig."""
+    kind = "task" if is_task else "api"
 
     def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
         if not callable(f) or isinstance(f, (staticmethod, classmethod)):
-            raise ServiceDefinitionError("@api decorates a plain method of a service class (def or async def)")
+            raise ServiceDefinitionError(f"@{kind} decorates a plain method of a service class (def or async def)")
         api_name = name or f.__name__
+        if is_task and (inspect.isgeneratorfunction(f) or inspect.isasyncgenfunction(f)):
+            raise ServiceDefinitionError(
+                f"task {api_name!r} is a generator: a task keeps one result to fetch later, so it cannot stream; "
+                "return the whole result, or make it an @api"
+            )
         params, context = _api_params(f, api_name)
         if context is not None and batchable:
             raise ServiceDefinitionError(
@@ -153,6 +229,7 @@ def api(
                 warmup_timeout=float(warmup_timeout),
                 context=context,
                 method=http_method,
+                task=is_task,
             ),
         )
         return f

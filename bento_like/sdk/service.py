@@ -294,10 +294,22 @@ def _collect_apis(c: type, svc_name: str) -> tuple[APIEntry, ...]:
         routes[config.route] = attr
         names[config.name] = attr
         entries.append(APIEntry(attr=attr, config=config))
+    for entry in entries:  # a task's own routes (/<route>/submit, ...) must not shadow another API's
+        if entry.config.task:
+            for sub in TASK_ROUTES:
+                clash = routes.get(entry.config.route + "/" + sub)
+                if clash is not None:
+                    raise ServiceDefinitionError(
+                        f"service {svc_name!r}: route {entry.config.route}/{sub!s} of {clash!r} is taken by the task "
+                        f"{entry.attr!r} (its {sub} route); give one of them another route=..."
+                    )
     if not entries:
-        raise ServiceDefinitionError(f"service {svc_name!r} declares no API: decorate at least one method with @api")
+        raise ServiceDefinitionError(f"service {svc_name!r} declares no API: decorate at least one method with @api or @task")
     return tuple(entries)
 
+
+TASK_ROUTES = ("submit", "status", "get", "cancel", "retry")
+"""What a task's route is followed by for its task routes (docs/tasks.md)."""
 
 RESERVED_ROUTES = {"/", "/livez", "/readyz", "/metrics", "/openapi.json", "/docs", "/v2"}
 

@@ -36,6 +36,8 @@ from .metrics import Registry, publish, published
 from .openapi import SWAGGER_HTML
 from .placement import BatchPlacement, ServerLoad
 from .routes import APIEndpoint
+from .task_store import TaskStore
+from .tasks import TaskRoutes
 from .tuning import Tuning
 from .v2 import v2_routes
 from .warmup import WarmupFailed, WarmupPlan
@@ -253,6 +255,7 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_st
         if ep.config.warmup is not False:
             # an input the API cannot take stops the server here, before it listens
             state.warmups[ep.name] = WarmupPlan(ep)
+    tasks = _task_routes(state, endpoints)
     openapi = msgspec.json.encode(openapi_document(spec.name, __version__, [ep.codec.description for ep in endpoints]))
     docs_html = SWAGGER_HTML.format(title=spec.name)
 
@@ -325,6 +328,7 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_st
     ]
     routes += [Route(ep.config.route, ep, methods=[ep.config.method]) for ep in endpoints]
     routes += v2_routes(state, endpoints)
+    routes += [route for task in tasks for route in task.routes()]
     # A mount at "/" comes last, so that every route of the server's own wins over it.
     for mounted in sorted(spec.asgi_apps, key=lambda m: m.path == "/"):
         routes.append(Mount("" if mounted.path == "/" else mounted.path, app=mounted.app, name=mounted.name))
@@ -335,9 +339,18 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_st
         starting = asyncio.create_task(state.start())
         watcher = asyncio.create_task(state.watch_threads())
         publisher = asyncio.create_task(publish_forever()) if metrics_dir else None
+        if tasks:
+            tasks[0].store.open()
+        sweeper = asyncio.create_task(_sweep_forever(tasks[0].store)) if tasks else None
         yield
         if publisher is not None:
             publisher.cancel()
+        if sweeper is not None:
+            sweeper.cancel()
+        for task in tasks:
+            task.stop()
+        if tasks:
+            tasks[0].store.close()
         watcher.cancel()
         if not starting.done():
             starting.cancel()
@@ -359,10 +372,38 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_st
     state.metrics.abandoned_calls.collect = lambda: {
         (str(inst.index),): len(inst.runner.abandoned()) for inst in state.pool.instances
     }
+    state.metrics.tasks_held.collect = lambda: {
+        key: value for task in tasks
+        for key, value in (((task.name, "pending"), len(task.pending)), ((task.name, "in_progress"), len(task.running)))
+    }
     state.metrics.queue_depth.collect = lambda: {
         (ep.name,): ep.batcher.queued_requests for ep in endpoints if ep.batcher is not None
     }
     return app
+
+
+def _task_routes(state: ServerState, endpoints: list[APIEndpoint]) -> list[TaskRoutes]:
+    """The task routes of the service's ``@task`` APIs, over one store (made only when there is a task)."""
+    task_endpoints = [ep for ep in endpoints if ep.config.task]
+    if not task_endpoints:
+        return []
+    settings = state.tuning.tasks
+    store = TaskStore(Path(settings.directory(state.spec.name)), settings.result_ttl_s, settings.max_results)
+    log.info("tasks of %s are kept in %s", state.spec.name, store.directory)
+    return [TaskRoutes(ep, store, settings.timeout_s or state.timeout) for ep in task_endpoints]
+
+
+async def _sweep_forever(store: TaskStore) -> None:
+    """Forget expired and excess task results now and then (a read also forgets an expired one at once)."""
+    interval = max(0.5, min(60.0, store.result_ttl / 2))
+    while True:
+        try:
+            forgotten = await asyncio.to_thread(store.sweep)
+            if forgotten:
+                log.debug("forgot %d finished task(s)", forgotten)
+        except OSError as exc:
+            log.warning("could not sweep the task store %s: %s", store.directory, exc)
+        await asyncio.sleep(interval)
 
 
 class ServiceApp(Starlette):

@@ -151,6 +151,14 @@ class Registry:
         self.execution = self.add(
             Histogram("bento_like_batch_execution_seconds", "Time one batch ran on an instance, by API", ("api",))
         )
+        self.tasks = self.add(
+            Counter("bento_like_tasks_total", "Tasks that ended in this process, by API and status (completed, "
+                    "failed, canceled)", ("api", "status"))
+        )
+        self.tasks_held = self.add(
+            Gauge("bento_like_tasks", "Tasks held by this process now, by API and status (pending, in_progress)",
+                  ("api", "status"))
+        )
 
     def add(self, metric):  # type: ignore[no-untyped-def]
         self.metrics.append(metric)

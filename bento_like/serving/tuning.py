@@ -2,7 +2,8 @@
 object, read from the environment once per server and handed to each worker with its other settings.
 
 The environment knobs (``BENTO_LIKE_INLINE_MS``, ``BENTO_LIKE_COMPUTE_THREADS``, ``BENTO_LIKE_BATCH_PRIORITY``,
-``BENTO_LIKE_SWITCH_INTERVAL_MS``, and the connection deadlines and limits of ``HTTPTuning``) are read here and
+``BENTO_LIKE_SWITCH_INTERVAL_MS``, the connection deadlines and limits of ``HTTPTuning`` and the task store's
+settings of ``TaskTuning``) are read here and
 nowhere else in the runtime, as is the little the server's own processes tell each other through the
 environment. The other fields are the constants the batching policy and the placement of calls work with; each
 is documented where it is declared, and docs/batching.md says which simulated scenario needs it. Tests and the simulator build their own ``Tuning`` to vary them.
@@ -18,6 +19,8 @@ import msgspec
 
 ENV_PREFIX = "BENTO_LIKE_"
 RELOAD_ENV = ENV_PREFIX + "SERVE"
+STATE_DIR_ENV = ENV_PREFIX + "STATE_DIR"
+"""Where a server keeps its state (task results): named in the errors of the task store."""
 """How ``pkg serve --reload`` hands its settings to the process uvicorn's reloader starts."""
 
 
@@ -135,10 +138,35 @@ class HTTPTuning(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 raise ValueError(f"{f} must be a finite number, got {getattr(self, f)}")
 
 
+class TaskTuning(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where task records and results are kept and for how long (serving/tasks.py, docs/tasks.md)."""
+
+    state_dir: str = ""
+    """``BENTO_LIKE_STATE_DIR``: the server's state directory; tasks live in ``<state_dir>/<service>/tasks``.
+    Empty: ``$BENTO_LIKE_HOME/state`` (``~/.bento_like/state``)."""
+    result_ttl_s: float = 3600.0
+    """``BENTO_LIKE_TASK_RESULT_TTL_S``: a finished task (its result or error) is kept this long, then forgotten."""
+    max_results: int = 10000
+    """``BENTO_LIKE_TASK_MAX_RESULTS``: finished tasks kept per service; past it the oldest are forgotten first."""
+    timeout_s: float = 0.0
+    """``BENTO_LIKE_TASK_TIMEOUT_S``: how long one task may run; 0: the service's timeout (traffic.timeout)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "result_ttl_s")
+        _at_least(self, 1, "max_results")
+        _at_least(self, 0.0, "timeout_s")
+
+    def directory(self, service: str) -> str:
+        """Where the tasks of ``service`` are kept."""
+        root = self.state_dir or os.path.join(os.environ.get("BENTO_LIKE_HOME") or "~/.bento_like", "state")
+        return os.path.join(os.path.expanduser(root), service, "tasks")
+
+
 class Tuning(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     batching: BatchTuning = msgspec.field(default_factory=BatchTuning)
     placement: PlacementTuning = msgspec.field(default_factory=PlacementTuning)
     http: HTTPTuning = msgspec.field(default_factory=HTTPTuning)
+    tasks: TaskTuning = msgspec.field(default_factory=TaskTuning)
     batch_priority: int = 10
     """``BENTO_LIKE_BATCH_PRIORITY``: nice steps batch threads get above the process's other threads (0: off)."""
     switch_interval_ms: float = 1.0
@@ -158,7 +186,7 @@ class Tuning(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         """The defaults, with the ``BENTO_LIKE_`` knobs set in ``environ`` (``os.environ`` by default); a bad
         value raises ValueError naming the variable and what it takes."""
         env = os.environ if environ is None else environ
-        parts: dict[str, dict[str, Any]] = {"placement": {}, "http": {}, "top": {}}
+        parts: dict[str, dict[str, Any]] = {"placement": {}, "http": {}, "tasks": {}, "top": {}}
         for name, (target, field, parse, what) in _KNOBS.items():
             raw = env.get(ENV_PREFIX + name)
             if raw is None or raw.strip() == "":
@@ -170,7 +198,7 @@ class Tuning(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             parts[target][field] = value
         try:
             placement, http = PlacementTuning(**parts["placement"]), HTTPTuning(**parts["http"])
-            return cls(placement=placement, http=http, **parts["top"])
+            return cls(placement=placement, http=http, tasks=TaskTuning(**parts["tasks"]), **parts["top"])
         except ValueError as exc:
             names = {field: ENV_PREFIX + name for name, (_, field, _, _) in _KNOBS.items()}
             message = str(exc)
@@ -198,6 +226,10 @@ _KNOBS: dict[str, tuple[str, str, Any, str]] = {
     "BODY_BUFFER_MIB": ("http", "body_buffer_mib", _finite, "a number of MiB"),
     "MAX_CONNECTIONS": ("http", "max_connections", int, "an integer number of connections"),
     "DRAIN_S": ("http", "drain_s", _finite, "a number of seconds"),
+    "STATE_DIR": ("tasks", "state_dir", str, "a directory"),
+    "TASK_RESULT_TTL_S": ("tasks", "result_ttl_s", _finite, "a number of seconds"),
+    "TASK_MAX_RESULTS": ("tasks", "max_results", int, "an integer number of tasks"),
+    "TASK_TIMEOUT_S": ("tasks", "timeout_s", _finite, "a number of seconds"),
 }
 
 
