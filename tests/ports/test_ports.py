@@ -151,3 +151,33 @@ def test_lifecycle_hooks_and_bento_model(serve, tmp_path_factory) -> None:  # ty
     assert httpx.get(srv.url + "/readyz", timeout=10).status_code == 200
     srv.stop()
     assert (tmp / "events").read_text().split() == ["deployment", "init", "startup", "shutdown"]
+
+
+def test_tasks_submitted_and_polled(serve) -> None:  # type: ignore[no-untyped-def]
+    srv = serve("tasks.py:ImageGeneration")
+    with bentoml.SyncHTTPClient(srv.url, headers={"X-User": "ada"}) as client:
+        task = client.long_running_task.submit(prompt="a red fox", steps=2)
+        assert task.get_status().value in ("pending", "in_progress")
+        assert task.get(wait=30) == {"prompt": "a red fox", "steps": 2, "user": "ada"}
+        assert task.get_status().value == "completed"
+        failing = client.failing_task.submit(prompt="x")
+        failing.wait(30)
+        assert failing.get_status().value == "failed"
+        with pytest.raises(bentoml.client.APIServerError) as info:
+            failing.get()
+        assert info.value.status == 500 and info.value.error_id
+        with pytest.raises(APIClientError) as bad:
+            client.long_running_task.submit(prompt="p", steps="many")
+        assert bad.value.status == 422 and bad.value.field == "$.steps"
+    with httpx.Client(base_url=srv.url, timeout=10) as http:
+        r = http.get("/long_running_task/status", params={"task_id": "0" * 32})
+        assert r.status_code == 404 and "0" * 32 in r.json()["error"]
+        r = http.get("/long_running_task/get", params={"task_id": "../../etc/passwd"})
+        assert r.status_code == 404
+
+    async def batch() -> list:
+        async with bentoml.AsyncHTTPClient(srv.url) as client:
+            tasks = [await client.score.submit(rows=[float(i)]) for i in range(6)]
+            return [await t.get(wait=30) for t in tasks]
+
+    assert asyncio.run(batch()) == [[float(2 * i)] for i in range(6)]
