@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .sdk import (
+    ContentType,
+    DataframeSchema,
     DType,
     File,
     ServiceDefinitionError,
@@ -25,6 +27,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncClient",
     "Client",
+    "ContentType",
+    "DataframeSchema",
     "DType",
     "File",
     "ServiceDefinitionError",

@@ -1,7 +1,7 @@
 """Declarations: what a service is, never how it runs. Importing this starts nothing and imports no framework."""
 
 from .api import APIConfig, ServiceDefinitionError, api
-from .io import DType, File, Shape
+from .io import ContentType, DataframeSchema, DType, File, Shape
 from .service import (
     Resources,
     ServiceSpec,
@@ -15,6 +15,8 @@ from .service import (
 
 __all__ = [
     "APIConfig",
+    "ContentType",
+    "DataframeSchema",
     "DType",
     "File",
     "Resources",
