@@ -19,7 +19,7 @@ import msgspec.inspect
 import numpy as np
 
 from .sdk.api import APIConfig, ServiceDefinitionError
-from .sdk.io import ArraySpec, File, array_spec
+from .sdk.io import ArraySpec, ContentType, DataframeSchema, File, array_spec, declared, rich_kind
 from .sdk.service import ServiceSpec
 
 API_EXTENSION = "x-bento-api"
@@ -32,21 +32,31 @@ class Parameter:
 
     name: str
     annotation: Any
-    kind: str  # "json", "ndarray", "bytes", "file", "str"
+    kind: str  # "json", "ndarray", "bytes", "file", "str", or a rich kind: "image", "dataframe", "tensor", "path"
     array: ArraySpec | None  # set for array inputs: the dtype and shape they must have
     required: bool
     default: Any = None  # the default of an input that is not required
 
     @property
     def field_type(self) -> Any:
-        """The type the input Struct decodes it as: an array as np.ndarray, checked against ``array`` after."""
-        return np.ndarray if self.array is not None else self.annotation
+        """The type the input Struct decodes it as: an array (or tensor) as np.ndarray, checked against ``array``
+        after; an image or path as a File and a DataFrame as any JSON value, which the runtime converts after."""
+        if self.array is not None:
+            return np.ndarray
+        return _RICH_FIELD_TYPES.get(self.kind, self.annotation)
 
     @property
     def json_in_form(self) -> bool:
         """Whether a multipart form carries this input as JSON text: arrays, Structs, dicts, lists and the like,
         which a form field's plain text cannot hold. Text, numbers and booleans travel as their own text."""
         return self.array is not None or (self.kind == "json" and _is_container(self.annotation))
+
+
+_RICH_FIELD_TYPES: dict[str, Any] = {"image": File, "path": File, "dataframe": Any}
+RAW_KINDS = ("bytes", "file", "image", "path", "dataframe")
+"""The kinds a lone input of an API may also arrive as: the whole request body."""
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
+PARQUET = "application/vnd.apache.parquet"
 
 
 @dataclass(frozen=True)
@@ -66,7 +76,7 @@ class APIDescription:
     params: tuple[Parameter, ...]
     input_struct: type[msgspec.Struct]  # a JSON body (or form) decodes into it, validated in one pass
     output: Any  # the return annotation; Any when there is none
-    output_kind: str  # "json", "ndarray", "bytes", "file", "str", or "stream" for a generator
+    output_kind: str  # "json", "ndarray", "bytes", "file", "str", a rich kind (Parameter.kind), or "stream"
     output_form: str | None  # "array", "tuple" or "dict" when the annotation declares its parts, else None
     output_parts: tuple[OutputPart, ...]  # in the order the result holds them
     summary: str | None  # the first sentence of the docstring
@@ -81,8 +91,9 @@ class APIDescription:
 
     @property
     def raw_input(self) -> Parameter | None:
-        """The one bytes/File input of an API that takes only that: it may also arrive as the whole body."""
-        if len(self.params) == 1 and self.params[0].kind in ("bytes", "file"):
+        """The one bytes/File/image/path/DataFrame input of an API that takes only that: it may also arrive as the
+        whole body."""
+        if len(self.params) == 1 and self.params[0].kind in RAW_KINDS:
             return self.params[0]
         return None
 
@@ -162,6 +173,9 @@ def _is_container(annotation: Any) -> bool:
 
 
 def _kind(annotation: Any, spec: ArraySpec | None) -> str:
+    rich = rich_kind(annotation)
+    if rich is not None:
+        return rich
     if spec is not None:
         return "ndarray"
     if annotation is bytes:
@@ -190,7 +204,8 @@ def _input_struct(api_name: str, params: list[Parameter]) -> type[msgspec.Struct
         what = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise ServiceDefinitionError(
             f"API {api_name!r}: an input type cannot be served ({what}); use builtins, msgspec Structs, "
-            "dataclasses, np.ndarray, bytes or bento_like.File"
+            "dataclasses, np.ndarray, torch.Tensor, PIL.Image.Image, pandas.DataFrame, pathlib.Path, bytes or "
+            "bento_like.File"
         ) from None
     return struct
 
@@ -249,21 +264,25 @@ def openapi_document(service_name: str, version: str, descriptions: list[APIDesc
         for p in d.params:
             if p.array is not None and (p.array.shape or p.array.dtype):
                 components[d.input_struct.__name__]["properties"][p.name] = _array_schema(p.array)
+            elif p.kind == "dataframe":
+                components[d.input_struct.__name__]["properties"][p.name] = _dataframe_schema(p.annotation)
         content: dict[str, Any] = {"application/json": {"schema": input_schema}}
         if d.params:
             content["multipart/form-data"] = {"schema": input_schema}
             as_json = {p.name: {"contentType": "application/json"} for p in d.params if p.json_in_form}
+            as_json.update({p.name: {"contentType": t[0]} for p in d.params if (t := _declared_types(p.annotation))})
             if as_json:
                 content["multipart/form-data"]["encoding"] = as_json
         if d.raw_input is not None:
-            content["application/octet-stream"] = {"schema": {"type": "string", "format": "binary"}}
+            for media in _raw_media_types(d.raw_input):
+                content[media] = {"schema": {"type": "string", "format": "binary"}}
         operation: dict[str, Any] = {"operationId": d.name}
         if d.summary is not None:
             operation["summary"] = d.summary
         operation["requestBody"] = {"required": any(p.required for p in d.params), "content": content}
         output_schema = schemas_for[len(descriptions) + i]
         operation["responses"] = {
-            "200": {"description": "Result", "content": _output_content(d.output_kind, output_schema)},
+            "200": {"description": "Result", "content": _output_content(d.output_kind, output_schema, d.output)},
             **{status: _error_response(text) for status, text in _ERROR_STATUSES.items()},
         }
         operation[API_EXTENSION] = d.extension()
@@ -327,7 +346,49 @@ def _describable(tp: Any) -> bool:
         return False
 
 
-def _output_content(kind: str, schema: dict[str, Any]) -> dict[str, Any]:
+def _declared_types(annotation: Any) -> tuple[str, ...]:
+    """The media type an image or path input declares with ContentType, as a 1-tuple; () when it declares none."""
+    declared_type = declared(annotation, ContentType)
+    return (declared_type.media_type,) if declared_type is not None else ()
+
+
+def _raw_media_types(p: Parameter) -> tuple[str, ...]:
+    """The Content-Types a lone input arrives with as the whole body, as the document lists them."""
+    if p.kind == "image":
+        return _declared_types(p.annotation) or ("image/png", "image/jpeg")
+    if p.kind == "path":
+        return _declared_types(p.annotation) or ("application/octet-stream",)
+    if p.kind == "dataframe":
+        return (ARROW_STREAM, PARQUET)
+    return ("application/octet-stream",)
+
+
+def _dataframe_schema(annotation: Any) -> dict[str, Any]:
+    """A DataFrame as JSON in its declared orient (records unless DataframeSchema says otherwise)."""
+    schema = declared(annotation, DataframeSchema) or DataframeSchema()
+    columns = list(schema.columns) if schema.columns else None
+    if schema.orient == "records":
+        row: dict[str, Any] = {"type": "object"}
+        if columns:
+            row["properties"] = {c: {} for c in columns}
+            row["required"] = columns
+        return {"type": "array", "items": row, "description": "a DataFrame as a list of records (rows)"}
+    if schema.orient == "values":
+        return {"type": "array", "items": {"type": "array"}, "description": "a DataFrame as a list of rows"}
+    return {"type": "object", "description": f"a DataFrame as JSON in pandas' {schema.orient!r} orient"}
+
+
+def _output_content(kind: str, schema: dict[str, Any], annotation: Any = None) -> dict[str, Any]:
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    if kind == "image":
+        return {media: binary for media in _declared_types(annotation) or ("image/png",)}
+    if kind == "path":
+        return {media: binary for media in _declared_types(annotation) or ("application/octet-stream",)}
+    if kind == "dataframe":
+        return {"application/json": {"schema": _dataframe_schema(annotation)}}
+    if kind == "tensor":
+        spec = array_spec(annotation)
+        return {"application/json": {"schema": _array_schema(spec) if spec else {"type": "array", "items": {}}}}
     if kind == "stream":
         return {"text/event-stream": {"schema": {"type": "string"}}}
     if kind in ("bytes", "file"):
