@@ -26,6 +26,8 @@ except ImportError:  # optional speed-up: without it float arrays decode through
 from ..description import APIDescription, Parameter
 from ..sdk.io import ArraySpec, File
 from .errors import HTTPError, bad_request, validation_error
+from .._rich_values import to_builtins
+from .io_types import RichInputs
 
 JSON = "application/json"
 OCTET = "application/octet-stream"
@@ -63,7 +65,7 @@ def _enc_hook(obj: Any) -> Any:
         return obj.item()
     if isinstance(obj, File):
         return base64.b64encode(obj.data).decode()
-    raise NotImplementedError(f"cannot encode objects of type {type(obj).__name__} as JSON")
+    return to_builtins(obj)  # a tensor or DataFrame inside a JSON result; NotImplementedError for anything else
 
 
 json_encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
@@ -108,12 +110,16 @@ class InputCodec:
             self._fast_decoder = msgspec.json.Decoder(fast, dec_hook=_dec_hook)
         # A single bytes/File input may arrive as the raw body.
         self.raw_param = description.raw_input
+        # Images, DataFrames, tensors and paths are converted after decoding; None keeps other APIs' path as it is.
+        rich = RichInputs(params)
+        self.rich = rich if rich.converters else None
 
     def decode_json(self, body: bytes) -> dict[str, Any]:
         try:
-            return self._decode_json(body)
+            kwargs = self._decode_json(body)
         except RecursionError:  # msgspec parses nested values by recursion, under Python's recursion limit
             raise bad_request(TOO_DEEP) from None
+        return kwargs if self.rich is None else self.rich.convert(kwargs)
 
     def _decode_json(self, body: bytes) -> dict[str, Any]:
         if not body.strip():
@@ -213,7 +219,8 @@ class InputCodec:
     def decode_raw(self, body: bytes, content_type: str | None) -> dict[str, Any]:
         assert self.raw_param is not None
         value: Any = body if self.raw_param.kind == "bytes" else File(body, content_type=content_type)
-        return {self.raw_param.name: value}
+        kwargs = {self.raw_param.name: value}
+        return kwargs if self.rich is None else self.rich.convert(kwargs)
 
     def decode_form(self, form: dict[str, Any]) -> dict[str, Any]:
         for p in self.params:
@@ -228,7 +235,8 @@ class InputCodec:
             raise validation_error(str(exc)) from None
         except RecursionError:
             raise bad_request(TOO_DEEP) from None
-        return self._finish(value)
+        kwargs = self._finish(value)
+        return kwargs if self.rich is None else self.rich.convert(kwargs)
 
     def _finish(self, value: Any) -> dict[str, Any]:
         kwargs = {f: getattr(value, f) for f in value.__struct_fields__}
