@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import importlib.util
 import inspect
+import io
 import mimetypes
 import os
+import pathlib
 import random
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
@@ -21,7 +25,8 @@ from typing import Any, Iterable, Mapping
 import msgspec
 import numpy as np
 
-from .description import API_EXTENSION
+from ._rich_values import is_dataframe, to_builtins
+from .description import API_EXTENSION, ARROW_STREAM, RAW_KINDS
 from .sdk.io import File
 
 JSON = "application/json"
@@ -33,7 +38,7 @@ RETRY_STATUSES = frozenset({429, 503})
 MAX_RETRY_AFTER = 60.0
 MAX_BACKOFF = 10.0
 
-_BINARY_KINDS = ("bytes", "file")
+_BINARY_KINDS = RAW_KINDS  # inputs that travel as files (a DataFrame only when pyarrow can write it)
 
 
 class APIError(Exception):
@@ -186,7 +191,10 @@ def _enc_hook(obj: Any) -> Any:
         return obj.item()
     if isinstance(obj, File):
         return base64.b64encode(obj.data).decode()
-    raise NotImplementedError(f"cannot send an object of type {type(obj).__name__} as JSON")
+    try:
+        return to_builtins(obj)  # a tensor or a DataFrame
+    except NotImplementedError:
+        raise NotImplementedError(f"cannot send an object of type {type(obj).__name__} as JSON") from None
 
 
 _json_encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
@@ -211,7 +219,15 @@ class EncodedRequest:
 
 def encode_request(api: APIInfo, arguments: dict[str, Any]) -> EncodedRequest:
     """A raw body for a lone bytes/File input, multipart when files travel with form values, JSON otherwise."""
-    binaries = {name: _as_file(api.name, name, value) for name, value in arguments.items() if api.inputs[name] in _BINARY_KINDS}
+    binaries = {}
+    for name, value in arguments.items():
+        kind = api.inputs[name]
+        if kind in _BINARY_KINDS:
+            file = _rich_file(kind, value)
+            if file is None and kind != "dataframe":
+                file = _as_file(api.name, name, value)
+            if file is not None:
+                binaries[name] = file
     raw = api.raw_input
     if raw is not None and raw in binaries:
         file = binaries[raw]
@@ -232,6 +248,24 @@ def encode_request(api: APIInfo, arguments: dict[str, Any]) -> EncodedRequest:
         }
         return EncodedRequest(headers={}, data=form, files=files)
     return EncodedRequest(headers={"content-type": JSON}, content=encode_json(arguments))
+
+
+def _rich_file(kind: str, value: Any) -> File | None:
+    """A PIL image as PNG, a DataFrame as an Arrow IPC stream (when pyarrow is installed); None for other values:
+    bytes, paths and file objects are sent as they are, a DataFrame without pyarrow and records as JSON."""
+    if kind == "image" and type(value).__module__.startswith("PIL."):
+        out = io.BytesIO()
+        value.save(out, format="PNG")
+        return File(out.getvalue(), content_type="image/png")
+    if kind == "dataframe" and is_dataframe(value) and importlib.util.find_spec("pyarrow") is not None:
+        import pyarrow as pa
+
+        table = pa.Table.from_pandas(value, preserve_index=False)
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        return File(sink.getvalue().to_pybytes(), content_type=ARROW_STREAM)
+    return None
 
 
 def _as_file(api: str, name: str, value: Any) -> File:
@@ -258,7 +292,7 @@ def _as_file(api: str, name: str, value: Any) -> File:
 
 def _form_value(kind: str, value: Any) -> str | None:
     """A form field's text that the server converts back to the declared type, or None when it cannot."""
-    if kind == "ndarray":
+    if kind in ("ndarray", "tensor", "dataframe"):
         return encode_json(value).decode()
     if isinstance(value, str):
         return value
@@ -276,14 +310,49 @@ def decode_body(api: APIInfo, content_type: str | None, body: bytes) -> Any:
     mtype = media_type(content_type)
     if mtype == JSON or mtype.endswith("+json"):
         value = msgspec.json.decode(body)
-        return np.asarray(value) if api.output == "ndarray" else value
-    if mtype.startswith("text/"):
+        if api.output in _FROM_JSON:
+            return _FROM_JSON[api.output](value)
+        return value
+    if mtype.startswith("text/") and api.output != "path":
         return body.decode(_charset(content_type))
     if api.output == "file":
         return File(body, content_type=mtype or None)
+    if api.output == "image":
+        from PIL import Image
+
+        image = Image.open(io.BytesIO(body))
+        image.load()
+        return image
+    if api.output == "path":
+        return _downloaded(body, mtype)
     if api.output == "str":
         return body.decode(_charset(content_type))
     return body
+
+
+def _tensor(value: Any) -> Any:
+    import torch
+
+    return torch.from_numpy(np.asarray(value))
+
+
+def _dataframe(value: Any) -> Any:
+    import pandas as pd
+
+    return pd.DataFrame(value)  # records (a list of objects) or columns (an object of lists) alike
+
+
+_FROM_JSON = {"ndarray": np.asarray, "tensor": _tensor, "dataframe": _dataframe}
+"""The value a JSON result becomes, by the API's output kind; the others stay as JSON decodes them."""
+
+
+def _downloaded(body: bytes, media: str) -> pathlib.Path:
+    """A returned file written to a temporary file, as BentoML's client does; the caller owns (and deletes) it."""
+    suffix = (mimetypes.guess_extension(media) or "") if media else ""
+    fd, name = tempfile.mkstemp(prefix="bento_like-", suffix=suffix)
+    with os.fdopen(fd, "wb") as out:
+        out.write(body)
+    return pathlib.Path(name)
 
 
 def error_from_response(
