@@ -40,7 +40,7 @@ class RichInputs:
         try:
             for p, convert in self.converters:
                 value = kwargs[p.name]
-                if value is not None and (p.required or value is not p.default):  # a default is the API's own
+                if p.required or value is not p.default:  # a default is the API's own, not the wire's
                     kwargs[p.name] = convert(value)
         except BaseException:
             self.release(kwargs)  # the files written before the input that failed
@@ -221,7 +221,8 @@ def _dataframe_from_json(p: Parameter, pd: Any, schema: DataframeSchema | None, 
 
 
 def _json_type(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(type(value), type(value).__name__)
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 
 # --- outputs -----------------------------------------------------------------------------------------------------
