@@ -194,7 +194,28 @@ def _summary(doc: str | None) -> str | None:
     return (match.group(1) if match else paragraph) or None
 
 
+_RICH_TYPE_NAMES = {"image": "PIL.Image.Image", "dataframe": "pandas.DataFrame", "tensor": "torch.Tensor",
+                    "path": "pathlib.Path"}
+
+
+def _nested_rich(annotation: Any) -> str | None:
+    """The rich kind of a type nested in a union or a container (``Image.Image | None``, ``list[Path]``)."""
+    for arg in typing.get_args(annotation):
+        found = rich_kind(arg) or _nested_rich(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def _input_struct(api_name: str, params: list[Parameter]) -> type[msgspec.Struct]:
+    for p in params:
+        nested = _nested_rich(p.annotation) if p.kind == "json" else None
+        if nested is not None:
+            raise ServiceDefinitionError(
+                f"API {api_name!r}: input {p.name!r} holds a {_RICH_TYPE_NAMES[nested]} inside a union or container "
+                f"({p.annotation!r}); an image, DataFrame, tensor or Path input is declared alone, "
+                "without Optional or a default of None"
+            )
     fields = [(p.name, p.field_type) if p.required else (p.name, p.field_type, p.default) for p in params]
     struct = msgspec.defstruct(f"{api_name}_input", fields, forbid_unknown_fields=True, kw_only=True, module=__name__)
     try:  # msgspec describes exactly the types it can decode
