@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import base64
 import email.utils
-import importlib.util
 import inspect
-import io
 import mimetypes
 import os
-import pathlib
 import random
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
@@ -25,8 +21,8 @@ from typing import Any, Iterable, Mapping
 import msgspec
 import numpy as np
 
-from ._rich_values import is_dataframe, to_builtins
-from .description import API_EXTENSION, ARROW_STREAM, RAW_KINDS
+from ._rich_values import as_upload, from_json, image_from_body, path_from_body, to_builtins
+from .description import API_EXTENSION, RAW_KINDS
 from .sdk.io import File
 
 JSON = "application/json"
@@ -223,7 +219,7 @@ def encode_request(api: APIInfo, arguments: dict[str, Any]) -> EncodedRequest:
     for name, value in arguments.items():
         kind = api.inputs[name]
         if kind in _BINARY_KINDS:
-            file = _rich_file(kind, value)
+            file = as_upload(kind, value)
             if file is None and kind != "dataframe":
                 file = _as_file(api.name, name, value)
             if file is not None:
@@ -248,24 +244,6 @@ def encode_request(api: APIInfo, arguments: dict[str, Any]) -> EncodedRequest:
         }
         return EncodedRequest(headers={}, data=form, files=files)
     return EncodedRequest(headers={"content-type": JSON}, content=encode_json(arguments))
-
-
-def _rich_file(kind: str, value: Any) -> File | None:
-    """A PIL image as PNG, a DataFrame as an Arrow IPC stream (when pyarrow is installed); None for other values:
-    bytes, paths and file objects are sent as they are, a DataFrame without pyarrow and records as JSON."""
-    if kind == "image" and type(value).__module__.startswith("PIL."):
-        out = io.BytesIO()
-        value.save(out, format="PNG")
-        return File(out.getvalue(), content_type="image/png")
-    if kind == "dataframe" and is_dataframe(value) and importlib.util.find_spec("pyarrow") is not None:
-        import pyarrow as pa
-
-        table = pa.Table.from_pandas(value, preserve_index=False)
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, table.schema) as writer:
-            writer.write_table(table)
-        return File(sink.getvalue().to_pybytes(), content_type=ARROW_STREAM)
-    return None
 
 
 def _as_file(api: str, name: str, value: Any) -> File:
@@ -310,49 +288,20 @@ def decode_body(api: APIInfo, content_type: str | None, body: bytes) -> Any:
     mtype = media_type(content_type)
     if mtype == JSON or mtype.endswith("+json"):
         value = msgspec.json.decode(body)
-        if api.output in _FROM_JSON:
-            return _FROM_JSON[api.output](value)
-        return value
+        if api.output == "ndarray":
+            return np.asarray(value)
+        return from_json(api.output, value)
     if mtype.startswith("text/") and api.output != "path":
         return body.decode(_charset(content_type))
     if api.output == "file":
         return File(body, content_type=mtype or None)
     if api.output == "image":
-        from PIL import Image
-
-        image = Image.open(io.BytesIO(body))
-        image.load()
-        return image
+        return image_from_body(body)
     if api.output == "path":
-        return _downloaded(body, mtype)
+        return path_from_body(body, mtype)
     if api.output == "str":
         return body.decode(_charset(content_type))
     return body
-
-
-def _tensor(value: Any) -> Any:
-    import torch
-
-    return torch.from_numpy(np.asarray(value))
-
-
-def _dataframe(value: Any) -> Any:
-    import pandas as pd
-
-    return pd.DataFrame(value)  # records (a list of objects) or columns (an object of lists) alike
-
-
-_FROM_JSON = {"ndarray": np.asarray, "tensor": _tensor, "dataframe": _dataframe}
-"""The value a JSON result becomes, by the API's output kind; the others stay as JSON decodes them."""
-
-
-def _downloaded(body: bytes, media: str) -> pathlib.Path:
-    """A returned file written to a temporary file, as BentoML's client does; the caller owns (and deletes) it."""
-    suffix = (mimetypes.guess_extension(media) or "") if media else ""
-    fd, name = tempfile.mkstemp(prefix="bento_like-", suffix=suffix)
-    with os.fdopen(fd, "wb") as out:
-        out.write(body)
-    return pathlib.Path(name)
 
 
 def error_from_response(

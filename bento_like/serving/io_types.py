@@ -20,7 +20,7 @@ import msgspec
 from .._rich_values import is_tensor, to_builtins
 from ..description import ARROW_STREAM, PARQUET, APIDescription, Parameter
 from ..sdk.io import ContentType, DataframeSchema, File, declared
-from .errors import HTTPError, bad_request, validation_error
+from .errors import HTTPError, validation_error
 
 Converter = Callable[[Any], Any]
 ARROW_FILE = "application/vnd.apache.arrow.file"
