@@ -45,6 +45,7 @@ class IOTypes:
 
     @bl.api
     def thumbnail(self, image: Image.Image, side: int = 8) -> Annotated[Image.Image, bl.ContentType("image/jpeg")]:
+        side = min(max(side, 1), 64)
         return image.resize((side, side))
 
     @bl.api
