@@ -135,6 +135,14 @@ def describe_api(func: Callable[..., Any], config: APIConfig) -> APIDescription:
         params.append(
             Parameter(name, annotation, _kind(annotation, spec), spec, required, None if required else default)
         )
+    rich = [p for p in params if p.kind in _RICH_TYPE_NAMES]
+    if config.batchable and rich:
+        # the batcher concatenates and splits np.ndarrays and lists; it does not know these types
+        raise ServiceDefinitionError(
+            f"batchable API {config.name!r}: its input {rich[0].name!r} is a {_RICH_TYPE_NAMES[rich[0].kind]}, which "
+            "the batcher cannot merge; declare it as np.ndarray (torch.from_numpy(x) makes a tensor of it without "
+            "a copy) or set batchable=False"
+        )
     output = hints.get("return", Any)
     streams = inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func)
     form, parts = _output_parts(output)

@@ -214,3 +214,14 @@ def test_validators_refuse_what_they_cannot_mean() -> None:
         bl.DataframeSchema(orient="table")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="not one string"):
         bl.DataframeSchema(columns="ab")
+
+
+def test_a_batchable_api_of_a_rich_input_is_refused_with_the_fix() -> None:
+    @bl.service
+    class Batched:
+        @bl.api(batchable=True)
+        def f(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    with pytest.raises(bl.ServiceDefinitionError, match="input 'x' is a torch.Tensor.*torch.from_numpy"):
+        describe_api(Batched.f, get_spec(Batched).api("f").config)

@@ -3,6 +3,7 @@ with raw HTTP and with the bento_like client; every bad input a 4xx that names t
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -21,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bento_like import Client
+from bento_like import AsyncClient, Client
 from bento_like.client import APIClientError
 from live_server import Server
 
@@ -271,6 +272,16 @@ def test_the_client_sends_and_receives_dataframes(client: Client) -> None:
     with pytest.raises(APIClientError) as caught:
         client.total(pd.DataFrame({"a": [1]}))
     assert caught.value.status == 422 and caught.value.field == "$.df" and "'b'" in caught.value.message
+
+
+def test_the_async_client_decodes_the_same_kinds(server: Server) -> None:
+    async def calls() -> tuple[object, object]:
+        async with AsyncClient(server.url) as client:
+            return await client.flip(Image.new("L", (2, 5))), await client.double(torch.zeros(1, 3))
+
+    image, tensor = asyncio.run(calls())
+    assert isinstance(image, Image.Image) and image.size == (2, 5)
+    assert isinstance(tensor, torch.Tensor) and tensor.shape == (1, 3)
 
 
 def test_the_client_sends_and_receives_tensors(client: Client) -> None:
