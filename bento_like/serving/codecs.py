@@ -3,7 +3,7 @@
 The input of an API is the msgspec Struct its description (bento_like.description) derives from its parameters,
 so a JSON body is decoded and validated in one pass and every error names the field path. Arrays are decoded by
 numpy and checked against the declared dtype and shape; files come from multipart parts, a raw body, or base64 in
-JSON.
+JSON. Images, DataFrames, tensors and paths are converted from those after decoding (serving/io_types.py).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ try:
 except ImportError:  # optional speed-up: without it float arrays decode through msgspec
     _simdjson = None
 
+from .._rich_values import to_builtins
 from ..description import APIDescription, Parameter
 from ..sdk.io import ArraySpec, File
 from .errors import HTTPError, bad_request, validation_error
-from .._rich_values import to_builtins
 from .io_types import RichInputs
 
 JSON = "application/json"

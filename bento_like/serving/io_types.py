@@ -3,7 +3,8 @@
 The input Struct decodes each as what travels (an image or a path as a File, a tensor as a checked np.ndarray,
 a DataFrame as JSON or a File), and a converter per such input turns that into the declared type afterwards. An
 API that uses none of these types gets no converter and no encoder of this module, so its requests do no extra
-work; PIL, pandas, pyarrow and torch are imported when a service declaring them is loaded, never before.
+work. PIL, pandas and torch are imported when a service declaring them is loaded, pyarrow at the first Arrow or
+Parquet body: never at ``import bento_like``.
 """
 
 from __future__ import annotations
