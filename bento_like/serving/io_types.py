@@ -64,10 +64,9 @@ def _invalid(p: Parameter, problem: str) -> HTTPError:
     return validation_error(f"{problem} - at `{_field(p)}`")
 
 
-def _unsupported(p: Parameter, given: str | None, accepted: str) -> HTTPError:
+def _unsupported(p: Parameter, given: str | None, accepted: str, what: str = "has Content-Type") -> HTTPError:
     return HTTPError(
-        415, f"input {p.name!r} has Content-Type {given or 'none'!r}; it takes {accepted} (at {_field(p)})",
-        field=_field(p),
+        415, f"input {p.name!r} {what} {given or 'none'!r}; it takes {accepted} (at {_field(p)})", field=_field(p)
     )
 
 
@@ -90,7 +89,8 @@ def _image_input(p: Parameter) -> Converter:
     accepted = declared(p.annotation, ContentType)
 
     def convert(file: File) -> Any:
-        _check_declared_type(p, accepted, file)
+        if _media(file.content_type) != _OCTET:  # octet-stream says nothing: the decoded format is checked below
+            _check_declared_type(p, accepted, file)
         try:
             image = Image.open(io.BytesIO(file.data))
             limit = Image.MAX_IMAGE_PIXELS
@@ -102,6 +102,10 @@ def _image_input(p: Parameter) -> Converter:
             raise _invalid(p, f"image has more than the server's limit of {limit} pixels") from None
         except Exception as exc:  # PIL raises many types on hostile bytes (OSError, SyntaxError, struct.error...)
             raise _invalid(p, f"not an image PIL can decode ({type(exc).__name__}: {exc})") from None
+        if accepted is not None:  # a JPEG sent as image/png is still a JPEG
+            actual = image.get_format_mimetype()
+            if actual is not None and not accepted.matches(actual):
+                raise _unsupported(p, actual, repr(accepted.media_type), what="is an image of type")
         return image
 
     return convert

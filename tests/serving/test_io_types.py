@@ -137,6 +137,15 @@ def test_a_part_outside_a_declared_image_wildcard_is_415_naming_the_field(http: 
     assert_names(r, 415, "$.image", "'text/plain'", "'image/*'")
 
 
+def test_a_declared_image_type_is_checked_against_the_decoded_format(http: httpx.Client) -> None:
+    r = http.post("/png_only", content=png(), headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 200 and r.json() == {"format": "PNG"}
+    r = http.post("/png_only", content=png(fmt="JPEG"), headers={"content-type": "image/png"})
+    assert_names(r, 415, "$.image", "is an image of type 'image/jpeg'", "'image/png'")
+    r = http.post("/png_only", files={"image": ("a.jpg", png(fmt="JPEG"), "application/octet-stream")})
+    assert_names(r, 415, "$.image", "'image/jpeg'")
+
+
 # --- DataFrames --------------------------------------------------------------------------------------------------
 
 ROWS = [{"a": 1, "b": 2, "c": "x"}, {"a": 3, "b": 4, "c": "y"}]

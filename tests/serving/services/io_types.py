@@ -44,6 +44,10 @@ class IOTypes:
         return {"size": list(image.size), "mode": image.mode, "format": image.format, "note": note}
 
     @bl.api
+    def png_only(self, image: Annotated[Image.Image, bl.ContentType("image/png")]) -> dict:
+        return {"format": image.format}
+
+    @bl.api
     def thumbnail(self, image: Image.Image, side: int = 8) -> Annotated[Image.Image, bl.ContentType("image/jpeg")]:
         side = min(max(side, 1), 64)
         return image.resize((side, side))
