@@ -293,6 +293,17 @@ def test_the_async_client_decodes_the_same_kinds(server: Server) -> None:
     assert isinstance(tensor, torch.Tensor) and tensor.shape == (1, 3)
 
 
+def test_without_pyarrow_the_client_sends_a_dataframe_as_json(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bento_like._rich_values as rich
+    from bento_like._client_core import encode_request
+
+    find_spec = rich.importlib.util.find_spec
+    monkeypatch.setattr(rich.importlib.util, "find_spec", lambda name, *a: None if name == "pyarrow" else find_spec(name, *a))
+    encoded = encode_request(client.apis["total"], {"df": pd.DataFrame(ROWS)})
+    assert encoded.headers == {"content-type": "application/json"} and b'"a":1' in (encoded.content or b"")
+    assert client.total(pd.DataFrame(ROWS))["total"].tolist() == [3, 7]
+
+
 def test_the_client_sends_and_receives_tensors(client: Client) -> None:
     result = client.double(torch.ones(2, 3))
     assert isinstance(result, torch.Tensor) and result.tolist() == [[2.0] * 3] * 2
@@ -312,6 +323,11 @@ def test_the_client_sends_and_receives_paths(client: Client, tmp_path: Path) -> 
         assert Image.open(returned).size == (4, 4)
     finally:
         returned.unlink()
+    text = client.save_text("hé")
+    try:
+        assert text.suffix == ".txt" and text.read_text() == "hé"  # a text/plain result of a path API is a file too
+    finally:
+        text.unlink()
     with pytest.raises(APIClientError) as caught:
         client.png_size(np.zeros(3).tobytes())
     assert caught.value.status == 415 and caught.value.field == "$.path"
