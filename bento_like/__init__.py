@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .sdk import (
+    ContentType,
+    DataframeSchema,
     Context,
     Cookie,
     DType,
@@ -33,6 +35,8 @@ __all__ = [
     "AsyncClient",
     "AsyncHTTPClient",
     "Client",
+    "ContentType",
+    "DataframeSchema",
     "Context",
     "Cookie",
     "DType",

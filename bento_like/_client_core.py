@@ -21,7 +21,8 @@ from typing import Any, Iterable, Mapping
 import msgspec
 import numpy as np
 
-from .description import API_EXTENSION
+from ._rich_values import as_upload, from_json, image_from_body, path_from_body, to_builtins
+from .description import API_EXTENSION, RAW_KINDS
 from .sdk.io import File
 
 JSON = "application/json"
@@ -33,7 +34,7 @@ RETRY_STATUSES = frozenset({429, 503})
 MAX_RETRY_AFTER = 60.0
 MAX_BACKOFF = 10.0
 
-_BINARY_KINDS = ("bytes", "file")
+_BINARY_KINDS = RAW_KINDS  # inputs that travel as files (a DataFrame only when pyarrow can write it)
 
 
 class APIError(Exception):
@@ -198,7 +199,10 @@ def _enc_hook(obj: Any) -> Any:
     dump = getattr(obj, "model_dump", None)  # a Pydantic model, sent as its JSON form
     if callable(dump) and hasattr(type(obj), "model_fields"):
         return dump(mode="json")
-    raise NotImplementedError(f"cannot send an object of type {type(obj).__name__} as JSON")
+    try:
+        return to_builtins(obj)  # a tensor or a DataFrame
+    except NotImplementedError:
+        raise NotImplementedError(f"cannot send an object of type {type(obj).__name__} as JSON") from None
 
 
 _json_encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
@@ -234,7 +238,15 @@ def encode_request(api: APIInfo, arguments: dict[str, Any]) -> EncodedRequest:
                                 f"not {type(value).__name__}")
             params[name] = text
         return EncodedRequest(headers={}, params=params)
-    binaries = {name: _as_file(api.name, name, value) for name, value in arguments.items() if api.inputs[name] in _BINARY_KINDS}
+    binaries = {}
+    for name, value in arguments.items():
+        kind = api.inputs[name]
+        if kind in _BINARY_KINDS:
+            file = as_upload(kind, value)
+            if file is None and kind != "dataframe":
+                file = _as_file(api.name, name, value)
+            if file is not None:
+                binaries[name] = file
     raw = api.raw_input
     if raw is not None and raw in binaries:
         file = binaries[raw]
@@ -281,7 +293,7 @@ def _as_file(api: str, name: str, value: Any) -> File:
 
 def _form_value(kind: str, value: Any) -> str | None:
     """A form field's text that the server converts back to the declared type, or None when it cannot."""
-    if kind == "ndarray":
+    if kind in ("ndarray", "tensor", "dataframe"):
         return encode_json(value).decode()
     if isinstance(value, str):
         return value
@@ -299,11 +311,17 @@ def decode_body(api: APIInfo, content_type: str | None, body: bytes) -> Any:
     mtype = media_type(content_type)
     if mtype == JSON or mtype.endswith("+json"):
         value = msgspec.json.decode(body)
-        return np.asarray(value) if api.output == "ndarray" else value
-    if mtype.startswith("text/"):
+        if api.output == "ndarray":
+            return np.asarray(value)
+        return from_json(api.output, value)
+    if mtype.startswith("text/") and api.output != "path":
         return body.decode(_charset(content_type))
     if api.output == "file":
         return File(body, content_type=mtype or None)
+    if api.output == "image":
+        return image_from_body(body)
+    if api.output == "path":
+        return path_from_body(body, mtype)
     if api.output == "str":
         return body.decode(_charset(content_type))
     return body

@@ -29,7 +29,7 @@ from ._constraints import (
     pydantic_schema,
 )
 from .sdk.api import APIConfig, ServiceDefinitionError
-from .sdk.io import ArraySpec, File, array_spec
+from .sdk.io import ArraySpec, ContentType, DataframeSchema, File, array_spec, declared, rich_kind
 from .sdk.service import ServiceSpec
 
 API_EXTENSION = "x-bento-api"
@@ -42,7 +42,7 @@ class Parameter:
 
     name: str
     annotation: Any
-    kind: str  # "json", "ndarray", "bytes", "file", "str"
+    kind: str  # "json", "ndarray", "bytes", "file", "str", or a rich kind: "image", "dataframe", "tensor", "path"
     array: ArraySpec | None  # set for array inputs: the dtype and shape they must have
     required: bool
     default: Any = None  # the default of an input that is not required
@@ -51,11 +51,14 @@ class Parameter:
 
     @property
     def field_type(self) -> Any:
-        """The type the input Struct decodes it as: an array as np.ndarray, checked against ``array`` after."""
+        """The type the input Struct decodes it as: an array (or tensor) as np.ndarray, checked against ``array``
+        after; an image or path as a File and a DataFrame as any JSON value, which the runtime converts after."""
         if self.array is not None:
             return np.ndarray
         if self.pydantic:
             return Any
+        if self.kind in _RICH_FIELD_TYPES:
+            return _RICH_FIELD_TYPES[self.kind]
         return self.annotation if self.decoded_as is None else self.decoded_as
 
     @property
@@ -65,6 +68,13 @@ class Parameter:
         if self.pydantic:
             return _pydantic_container(self.annotation)
         return self.array is not None or (self.kind == "json" and _is_container(self.field_type))
+
+
+_RICH_FIELD_TYPES: dict[str, Any] = {"image": File, "path": File, "dataframe": Any}
+RAW_KINDS = ("bytes", "file", "image", "path", "dataframe")
+"""The kinds a lone input of an API may also arrive as: the whole request body."""
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
+PARQUET = "application/vnd.apache.parquet"
 
 
 @dataclass(frozen=True)
@@ -84,7 +94,8 @@ class APIDescription:
     params: tuple[Parameter, ...]
     input_struct: type[msgspec.Struct]  # a JSON body (or form) decodes into it, validated in one pass
     output: Any  # the return annotation; Any when there is none
-    output_kind: str  # "json", "ndarray", "bytes", "file", "str"; "stream" (events), "text_stream" (of str)
+    output_kind: str  # "json", "ndarray", "bytes", "file", "str", a rich kind (Parameter.kind); "stream" (events)
+    # or "text_stream" (of str) for a generator
     output_form: str | None  # "array", "tuple" or "dict" when the annotation declares its parts, else None
     output_parts: tuple[OutputPart, ...]  # in the order the result holds them
     summary: str | None  # the first sentence of the docstring
@@ -99,8 +110,9 @@ class APIDescription:
 
     @property
     def raw_input(self) -> Parameter | None:
-        """The one bytes/File input of an API that takes only that: it may also arrive as the whole body."""
-        if len(self.params) == 1 and self.params[0].kind in ("bytes", "file"):
+        """The one bytes/File/image/path/DataFrame input of an API that takes only that: it may also arrive as the
+        whole body."""
+        if len(self.params) == 1 and self.params[0].kind in RAW_KINDS:
             return self.params[0]
         return None
 
@@ -139,6 +151,14 @@ def describe_api(func: Callable[..., Any], config: APIConfig) -> APIDescription:
               for name in config.params]
     if config.method == "GET":
         _check_query_inputs(config.name, params)
+    rich = [p for p in params if p.kind in _RICH_TYPE_NAMES]
+    if config.batchable and rich:
+        # the batcher concatenates and splits np.ndarrays and lists; it does not know these types
+        raise ServiceDefinitionError(
+            f"batchable API {config.name!r}: its input {rich[0].name!r} is a {_RICH_TYPE_NAMES[rich[0].kind]}, which "
+            "the batcher cannot merge; declare it as np.ndarray (torch.from_numpy(x) makes a tensor of it without "
+            "a copy) or set batchable=False"
+        )
     output = hints.get("return", Any)
     streams = inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func)
     form, parts = _output_parts(output)
@@ -243,6 +263,9 @@ def _yields_text(annotation: Any) -> bool:
 
 
 def _kind(annotation: Any, spec: ArraySpec | None) -> str:
+    rich = rich_kind(annotation)
+    if rich is not None:
+        return rich
     if spec is not None:
         return "ndarray"
     if annotation is bytes:
@@ -261,7 +284,28 @@ def _summary(doc: str | None) -> str | None:
     return (match.group(1) if match else paragraph) or None
 
 
+_RICH_TYPE_NAMES = {"image": "PIL.Image.Image", "dataframe": "pandas.DataFrame", "tensor": "torch.Tensor",
+                    "path": "pathlib.Path"}
+
+
+def _nested_rich(annotation: Any) -> str | None:
+    """The rich kind of a type nested in a union or a container (``Image.Image | None``, ``list[Path]``)."""
+    for arg in typing.get_args(annotation):
+        found = rich_kind(arg) or _nested_rich(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def _input_struct(api_name: str, params: list[Parameter]) -> type[msgspec.Struct]:
+    for p in params:
+        nested = _nested_rich(p.annotation) if p.kind == "json" else None
+        if nested is not None:
+            raise ServiceDefinitionError(
+                f"API {api_name!r}: input {p.name!r} holds a {_RICH_TYPE_NAMES[nested]} inside a union or container "
+                f"({p.annotation!r}); an image, DataFrame, tensor or Path input is declared alone, "
+                "without Optional or a default of None"
+            )
     fields = [(p.name, p.field_type) if p.required else (p.name, p.field_type, _struct_default(p)) for p in params]
     struct = msgspec.defstruct(f"{api_name}_input", fields, forbid_unknown_fields=True, kw_only=True, module=__name__)
     try:  # msgspec describes exactly the types it can decode
@@ -271,7 +315,8 @@ def _input_struct(api_name: str, params: list[Parameter]) -> type[msgspec.Struct
         what = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise ServiceDefinitionError(
             f"API {api_name!r}: an input type cannot be served ({what}); use builtins, msgspec Structs, "
-            "dataclasses, np.ndarray, bytes or bento_like.File"
+            "dataclasses, np.ndarray, torch.Tensor, PIL.Image.Image, pandas.DataFrame, pathlib.Path, bytes or "
+            "bento_like.File"
         ) from None
     return struct
 
@@ -343,6 +388,8 @@ def openapi_document(service_name: str, version: str, descriptions: list[APIDesc
                 schema, defs = pydantic_schema(p.annotation)
                 components[d.input_struct.__name__]["properties"][p.name] = schema
                 components.update(defs)
+            elif p.kind == "dataframe":
+                components[d.input_struct.__name__]["properties"][p.name] = _dataframe_schema(p.annotation)
         if _validated_by_pydantic(d.output):
             schemas_for[len(descriptions) + i], defs = pydantic_schema(d.output)
             components.update(defs)
@@ -350,10 +397,12 @@ def openapi_document(service_name: str, version: str, descriptions: list[APIDesc
         if d.params:
             content["multipart/form-data"] = {"schema": input_schema}
             as_json = {p.name: {"contentType": "application/json"} for p in d.params if p.json_in_form}
+            as_json.update({p.name: {"contentType": t[0]} for p in d.params if (t := _declared_types(p.annotation))})
             if as_json:
                 content["multipart/form-data"]["encoding"] = as_json
         if d.raw_input is not None:
-            content["application/octet-stream"] = {"schema": {"type": "string", "format": "binary"}}
+            for media in _raw_media_types(d.raw_input):
+                content[media] = {"schema": {"type": "string", "format": "binary"}}
         operation: dict[str, Any] = {"operationId": d.name}
         if d.summary is not None:
             operation["summary"] = d.summary
@@ -367,7 +416,7 @@ def openapi_document(service_name: str, version: str, descriptions: list[APIDesc
             operation["requestBody"] = {"required": any(p.required for p in d.params), "content": content}
         output_schema = schemas_for[len(descriptions) + i]
         operation["responses"] = {
-            "200": {"description": "Result", "content": _output_content(d.output_kind, output_schema)},
+            "200": {"description": "Result", "content": _output_content(d.output_kind, output_schema, d.output)},
             **{status: _error_response(text) for status, text in _ERROR_STATUSES.items()},
         }
         operation[API_EXTENSION] = d.extension()
@@ -495,9 +544,51 @@ def _describable(tp: Any) -> bool:
         return False
 
 
-def _output_content(kind: str, schema: dict[str, Any]) -> dict[str, Any]:
+def _declared_types(annotation: Any) -> tuple[str, ...]:
+    """The media type an image or path input declares with ContentType, as a 1-tuple; () when it declares none."""
+    declared_type = declared(annotation, ContentType)
+    return (declared_type.media_type,) if declared_type is not None else ()
+
+
+def _raw_media_types(p: Parameter) -> tuple[str, ...]:
+    """The Content-Types a lone input arrives with as the whole body, as the document lists them."""
+    if p.kind == "image":
+        return _declared_types(p.annotation) or ("image/png", "image/jpeg")
+    if p.kind == "path":
+        return _declared_types(p.annotation) or ("application/octet-stream",)
+    if p.kind == "dataframe":
+        return (ARROW_STREAM, PARQUET)
+    return ("application/octet-stream",)
+
+
+def _dataframe_schema(annotation: Any) -> dict[str, Any]:
+    """A DataFrame as JSON in its declared orient (records unless DataframeSchema says otherwise)."""
+    schema = declared(annotation, DataframeSchema) or DataframeSchema()
+    columns = list(schema.columns) if schema.columns else None
+    if schema.orient == "records":
+        row: dict[str, Any] = {"type": "object"}
+        if columns:
+            row["properties"] = {c: {} for c in columns}
+            row["required"] = columns
+        return {"type": "array", "items": row, "description": "a DataFrame as a list of records (rows)"}
+    if schema.orient == "values":
+        return {"type": "array", "items": {"type": "array"}, "description": "a DataFrame as a list of rows"}
+    return {"type": "object", "description": f"a DataFrame as JSON in pandas' {schema.orient!r} orient"}
+
+
+def _output_content(kind: str, schema: dict[str, Any], annotation: Any = None) -> dict[str, Any]:
     if kind == "text_stream":
         return {"text/plain": {"schema": {"type": "string"}}}
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    if kind == "image":
+        return {media: binary for media in _declared_types(annotation) or ("image/png",)}
+    if kind == "path":
+        return {media: binary for media in _declared_types(annotation) or ("application/octet-stream",)}
+    if kind == "dataframe":
+        return {"application/json": {"schema": _dataframe_schema(annotation)}}
+    if kind == "tensor":
+        spec = array_spec(annotation)
+        return {"application/json": {"schema": _array_schema(spec) if spec else {"type": "array", "items": {}}}}
     if kind == "stream":
         return {"text/event-stream": {"schema": {"type": "string"}}}
     if kind in ("bytes", "file"):

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 from typing import Annotated, Iterator, NamedTuple
 
 import msgspec
 import numpy as np
+import pandas as pd
 import pytest
+import torch
+from PIL import Image
 
 import bento_like as bl
 from bento_like import __version__
@@ -152,3 +156,72 @@ def test_describing_loads_no_web_framework_and_nothing_of_the_runtime() -> None:
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]", f"describing a service imported {result.stdout.strip()}"
+
+
+def test_the_rich_io_types_are_described_by_kind_with_their_content_types() -> None:
+    @bl.service
+    class Rich:
+        @bl.api
+        def image(self, image: Image.Image) -> Annotated[Image.Image, bl.ContentType("image/jpeg")]:
+            return image
+
+        @bl.api
+        def frame(self, df: Annotated[pd.DataFrame, bl.DataframeSchema(columns=["a"])]) -> pd.DataFrame:
+            return df
+
+        @bl.api
+        def tensor(self, x: Annotated[torch.Tensor, bl.Shape(2), bl.DType("int32")]) -> torch.Tensor:
+            return x
+
+        @bl.api
+        def path(self, path: Annotated[Path, bl.ContentType("image/*")], note: str = "") -> Path:
+            return path
+
+    found = {d.name: d for d in describe(get_spec(Rich))}
+    assert {n: (d.extension()["inputs"], d.output_kind) for n, d in found.items()} == {
+        "image": ({"image": "image"}, "image"),
+        "frame": ({"df": "dataframe"}, "dataframe"),
+        "tensor": ({"x": "tensor"}, "tensor"),
+        "path": ({"path": "path", "note": "str"}, "path"),
+    }
+    assert found["tensor"].params[0].array == bl.sdk.io.ArraySpec("int32", (2,))
+    assert found["frame"].raw_input is not None and found["path"].raw_input is None
+    paths = openapi_document("rich", "1", list(found.values()))["paths"]
+    assert list(paths["/image"]["post"]["responses"]["200"]["content"]) == ["image/jpeg"]
+    assert "image/png" in paths["/image"]["post"]["requestBody"]["content"]
+    form = paths["/path"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    assert form["encoding"] == {"path": {"contentType": "image/*"}}
+
+
+def test_a_rich_type_in_a_union_is_refused_by_name() -> None:
+    @bl.service
+    class Maybe:
+        @bl.api
+        def f(self, image: Image.Image | None = None) -> int:
+            return 1
+
+    with pytest.raises(bl.ServiceDefinitionError, match="input 'image' holds a PIL.Image.Image inside a union"):
+        describe_api(Maybe.f, get_spec(Maybe).api("f").config)
+
+
+def test_validators_refuse_what_they_cannot_mean() -> None:
+    assert bl.ContentType("image/*").matches("image/png; q=1") and not bl.ContentType("image/*").matches("text/plain")
+    assert not bl.ContentType("image/png").matches(None)
+    for bad in ("png", "*/*", "image/"):
+        with pytest.raises(TypeError, match="media type"):
+            bl.ContentType(bad)
+    with pytest.raises(TypeError, match="orient"):
+        bl.DataframeSchema(orient="table")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="not one string"):
+        bl.DataframeSchema(columns="ab")
+
+
+def test_a_batchable_api_of_a_rich_input_is_refused_with_the_fix() -> None:
+    @bl.service
+    class Batched:
+        @bl.api(batchable=True)
+        def f(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    with pytest.raises(bl.ServiceDefinitionError, match="input 'x' is a torch.Tensor.*torch.from_numpy"):
+        describe_api(Batched.f, get_spec(Batched).api("f").config)

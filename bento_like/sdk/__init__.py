@@ -2,7 +2,7 @@
 
 from .api import APIConfig, ServiceDefinitionError, api, task
 from .context import Context, Cookie
-from .io import DType, File, Shape
+from .io import ContentType, DataframeSchema, DType, File, Shape
 from .service import (
     Resources,
     ServiceSpec,
@@ -20,6 +20,8 @@ from .service import (
 
 __all__ = [
     "APIConfig",
+    "ContentType",
+    "DataframeSchema",
     "Context",
     "Cookie",
     "DType",

@@ -3,7 +3,7 @@
 The input of an API is the msgspec Struct its description (bento_like.description) derives from its parameters,
 so a JSON body is decoded and validated in one pass and every error names the field path. Arrays are decoded by
 numpy and checked against the declared dtype and shape; files come from multipart parts, a raw body, or base64 in
-JSON.
+JSON. Images, DataFrames, tensors and paths are converted from those after decoding (serving/io_types.py).
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ except ImportError:  # optional speed-up: without it float arrays decode through
     _simdjson = None
 
 from .._constraints import PydanticCheck, is_pydantic_model
+from .._rich_values import to_builtins
 from ..description import APIDescription, Parameter
 from ..sdk.io import ArraySpec, File
 from .errors import HTTPError, bad_request, validation_error
+from .io_types import RichInputs
 
 JSON = "application/json"
 OCTET = "application/octet-stream"
@@ -66,7 +68,7 @@ def _enc_hook(obj: Any) -> Any:
         return base64.b64encode(obj.data).decode()
     if is_pydantic_model(type(obj)):
         return obj.model_dump(mode="json")
-    raise NotImplementedError(f"cannot encode objects of type {type(obj).__name__} as JSON")
+    return to_builtins(obj)  # a tensor or DataFrame inside a JSON result; NotImplementedError for anything else
 
 
 json_encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
@@ -116,6 +118,9 @@ class InputCodec:
         if self._checks:  # the fast paths know nothing of these checks
             self._simd = False
             self._fast_decoder = None
+        # Images, DataFrames, tensors and paths are converted after decoding; None keeps other APIs' path as it is.
+        rich = RichInputs(params)
+        self.rich = rich if rich.converters else None
 
     def decode_query(self, query: list[tuple[str, str]]) -> dict[str, Any]:
         """A GET API's inputs from its query parameters (text, converted to each input's scalar type)."""
@@ -132,9 +137,10 @@ class InputCodec:
 
     def decode_json(self, body: bytes) -> dict[str, Any]:
         try:
-            return self._decode_json(body)
+            kwargs = self._decode_json(body)
         except RecursionError:  # msgspec parses nested values by recursion, under Python's recursion limit
             raise bad_request(TOO_DEEP) from None
+        return kwargs if self.rich is None else self.rich.convert(kwargs)
 
     def _decode_json(self, body: bytes) -> dict[str, Any]:
         if not body.strip():
@@ -234,7 +240,8 @@ class InputCodec:
     def decode_raw(self, body: bytes, content_type: str | None) -> dict[str, Any]:
         assert self.raw_param is not None
         value: Any = body if self.raw_param.kind == "bytes" else File(body, content_type=content_type)
-        return {self.raw_param.name: value}
+        kwargs = {self.raw_param.name: value}
+        return kwargs if self.rich is None else self.rich.convert(kwargs)
 
     def decode_form(self, form: dict[str, Any]) -> dict[str, Any]:
         for p in self.params:
@@ -249,7 +256,8 @@ class InputCodec:
             raise validation_error(str(exc)) from None
         except RecursionError:
             raise bad_request(TOO_DEEP) from None
-        return self._finish(value)
+        kwargs = self._finish(value)
+        return kwargs if self.rich is None else self.rich.convert(kwargs)
 
     def _finish(self, value: Any) -> dict[str, Any]:
         kwargs = {f: getattr(value, f) for f in value.__struct_fields__}

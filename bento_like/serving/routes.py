@@ -33,6 +33,7 @@ from .codecs import (
 )
 from .deadlines import ClientGone
 from .errors import HTTPError, too_many_requests, unavailable
+from .io_types import result_encoder
 from .placement import DirectPlacement, Where
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ class APIEndpoint:
         func = getattr(state.spec.cls, attr)
         self.codec = InputCodec(describe_api(func, config))
         self.output = self.codec.description.output_kind
+        self.encode_result = result_encoder(self.codec.description, encode_result)
         self.is_async = inspect.iscoroutinefunction(func)
         self.is_async_gen = inspect.isasyncgenfunction(func)
         self.is_gen = inspect.isgeneratorfunction(func)
@@ -156,6 +158,16 @@ class APIEndpoint:
         ctx = None
         if self.context is not None:
             ctx = kwargs[self.context] = Context(Request(scope))
+        rich = self.codec.rich
+        if rich is not None and rich.paths:  # the files of Path inputs live until the response is sent
+            try:
+                return await self._run(scope, receive, send, kwargs, timeout, ctx)
+            finally:
+                rich.release(kwargs)
+        return await self._run(scope, receive, send, kwargs, timeout, ctx)
+
+    async def _run(self, scope: Scope, receive: Receive, send: Send, kwargs: dict[str, Any], timeout: float,
+                   ctx: Context | None) -> int:
         if self.is_gen or self.is_async_gen:
             instance = self.state.pool.pick()
             return await self._stream(send, instance, getattr(instance.obj, self.attr), kwargs, ctx)
@@ -235,7 +247,7 @@ class APIEndpoint:
             await result(scope, receive, send)
             return result.status_code
         try:
-            body, ctype = encode_result(result)
+            body, ctype = self.encode_result(result)
         except NonFiniteResult as exc:
             raise self._unsendable(exc) from None
         headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode())]

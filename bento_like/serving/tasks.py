@@ -183,6 +183,12 @@ class TaskRoutes:
         """Run the task; how it ended: (status, the HTTP status, Content-Type and body ``get`` answers, the
         request to keep for a retry)."""
         try:
+            return await self._outcome(job)
+        finally:
+            self._release(job)
+
+    async def _outcome(self, job: Job) -> tuple[str, int, str, bytes, tuple[str, bytes] | None]:
+        try:
             result = await self._invoke(job.kwargs)
             status, content_type, body = _encode(result)
             return COMPLETED, status, content_type, body, None
@@ -215,6 +221,12 @@ class TaskRoutes:
                     raise
             await asyncio.sleep(RETRY_AFTER_S)
 
+    def _release(self, job: Job) -> None:
+        """Delete the temporary files of the job's Path inputs, once it ran or will never run."""
+        rich = self.endpoint.codec.rich
+        if rich is not None and rich.paths:
+            rich.release(job.kwargs)
+
     def _cancel_here(self, task_id: str) -> None:
         """Stop a task this process holds: a pending one never starts; a running async call is interrupted; a
         running sync call (or batch) cannot be, so it runs to its end and its result is dropped."""
@@ -222,6 +234,7 @@ class TaskRoutes:
             if job.task_id == task_id:
                 job.canceled = True
                 self.pending.remove(job)
+                self._release(job)
                 self._ended(CANCELED)
                 return
         job = self.running.get(task_id)

@@ -41,6 +41,7 @@ class WarmupPlan:
         self.timeout = config.warmup_timeout
         self.kwargs: dict[str, Any] = {}
         self.from_signature: list[Parameter] = []  # arrays whose shape only a model's signature tells
+        self.made_up = config.warmup is True  # zeros as np.ndarray: a tensor input converts them before each call
         if config.warmup is True:
             for p in ep.codec.params:
                 if p.array is not None and p.array.shape is not None:
@@ -108,6 +109,8 @@ class WarmupPlan:
 
     async def _run(self, spec: ServiceSpec, ep: APIEndpoint, pool: InstancePool) -> None:
         kwargs = self.complete(spec, ep)
+        if self.made_up and ep.codec.rich is not None:
+            kwargs = ep.codec.rich.convert(dict(kwargs))
         if ep.batcher is not None:
             await ep.batcher.warm_up(kwargs[ep.config.params[0]])
             return

@@ -26,6 +26,8 @@ from live_server import Server
 SERVICES = Path(__file__).parent / "services"
 EXAMPLES = int(os.environ.get("BENTO_LIKE_FUZZ_EXAMPLES", "25"))
 """Requests per operation and generation mode; raise it to fuzz longer (the CI bound is the default)."""
+IO_EXAMPLES = max(1, EXAMPLES // 3)
+"""Fewer per operation for the rich IO types: their decoders (PIL, pandas, pyarrow) are what is fuzzed there."""
 
 
 class LoggedServer:
@@ -66,6 +68,26 @@ def served_schema(every_input: LoggedServer) -> Any:
 schema = schemathesis.pytest.from_fixture("served_schema")
 
 
+@pytest.fixture(scope="module")
+def io_types(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoggedServer]:
+    server = _start("io_types.py:IOTypes", tmp_path_factory.mktemp("fuzz_io"))
+    yield LoggedServer(server)
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def io_types_schema(io_types: LoggedServer) -> Any:
+    """The rich IO types' APIs: images, DataFrames, tensors and paths as files, base64, JSON or raw bodies."""
+    schema = schemathesis.openapi.from_url(io_types.server.url + "/openapi.json")
+    schema.config.generation.update(
+        modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE], max_examples=IO_EXAMPLES, deterministic=True
+    )
+    return schema
+
+
+io_schema = schemathesis.pytest.from_fixture("io_types_schema")
+
+
 @schema.parametrize()
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
           suppress_health_check=list(HealthCheck))
@@ -75,6 +97,18 @@ def test_no_request_from_the_openapi_document_gets_a_5xx(case: Any, every_input:
     if response.status_code >= 400 and case.path not in ("/livez", "/readyz", "/metrics"):
         assert "error" in response.json(), response.text
     tracebacks = every_input.new_tracebacks()
+    assert tracebacks is None, tracebacks
+
+
+@io_schema.parametrize()
+@settings(max_examples=IO_EXAMPLES, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck))
+def test_no_request_for_the_rich_io_types_gets_a_5xx(case: Any, io_types: LoggedServer) -> None:
+    response = case.call(timeout=30)
+    assert response.status_code < 500, f"{case.method} {case.path}: {response.status_code} {response.text[:500]}"
+    if response.status_code >= 400 and case.path not in ("/livez", "/readyz", "/metrics"):
+        assert "error" in response.json(), response.text
+    tracebacks = io_types.new_tracebacks()
     assert tracebacks is None, tracebacks
 
 
