@@ -88,12 +88,32 @@ class ResponseContext:
 
 class Context:
     """One request's context: ``ctx.request`` (the HTTP request: headers, cookies, query_params, client, url),
-    ``ctx.response`` (status_code, headers, cookies), ``ctx.state`` (a dict for this request only)."""
+    ``ctx.response`` (status_code, headers, cookies), ``ctx.state`` (a dict for this request only), ``ctx.temp_dir``
+    (a directory deleted after the response)."""
 
     def __init__(self, request: Any = None) -> None:
         self.request = request
         self.response = ResponseContext()
         self.state: dict[str, Any] = {}
+        self._temp_dir: str | None = None
+
+    @property
+    def temp_dir(self) -> str:
+        """A directory of this request's own (made on first use), deleted once the response is sent: the place
+        for a file the API returns as a Path."""
+        if self._temp_dir is None:
+            import tempfile
+
+            self._temp_dir = tempfile.mkdtemp(prefix="bento_like-request-")
+        return self._temp_dir
+
+    def cleanup(self) -> None:
+        """Delete ``temp_dir`` if the request made one (the runtime calls this after the response)."""
+        if self._temp_dir is not None:
+            import shutil
+
+            shutil.rmtree(self._temp_dir, ignore_errors=True)
+            self._temp_dir = None
 
 
 def is_context_annotation(annotation: Any) -> bool:

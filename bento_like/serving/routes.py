@@ -159,11 +159,14 @@ class APIEndpoint:
         if self.context is not None:
             ctx = kwargs[self.context] = Context(Request(scope))
         rich = self.codec.rich
-        if rich is not None and rich.paths:  # the files of Path inputs live until the response is sent
+        if ctx is not None or (rich is not None and rich.paths):
             try:
                 return await self._run(scope, receive, send, kwargs, timeout, ctx)
-            finally:
-                rich.release(kwargs)
+            finally:  # the files of Path inputs and ctx.temp_dir live until the response is sent
+                if rich is not None and rich.paths:
+                    rich.release(kwargs)
+                if ctx is not None:
+                    ctx.cleanup()
         return await self._run(scope, receive, send, kwargs, timeout, ctx)
 
     async def _run(self, scope: Scope, receive: Receive, send: Send, kwargs: dict[str, Any], timeout: float,

@@ -222,10 +222,13 @@ class TaskRoutes:
             await asyncio.sleep(RETRY_AFTER_S)
 
     def _release(self, job: Job) -> None:
-        """Delete the temporary files of the job's Path inputs, once it ran or will never run."""
+        """Delete the temporary files of the job's Path inputs and its ctx.temp_dir, once it ran or will never run."""
         rich = self.endpoint.codec.rich
         if rich is not None and rich.paths:
             rich.release(job.kwargs)
+        context = self.endpoint.context
+        if context is not None:
+            job.kwargs[context].cleanup()
 
     def _cancel_here(self, task_id: str) -> None:
         """Stop a task this process holds: a pending one never starts; a running async call is interrupted; a

@@ -181,3 +181,43 @@ def test_tasks_submitted_and_polled(serve) -> None:  # type: ignore[no-untyped-d
             return [await t.get(wait=30) for t in tasks]
 
     assert asyncio.run(batch()) == [[float(2 * i)] for i in range(6)]
+
+
+def test_io_types_images_paths_dataframes_tensors(serve, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import io
+
+    import pandas as pd
+    import torch
+    from PIL import Image
+
+    server_tmp = tmp_path / "server-tmp"
+    server_tmp.mkdir()
+    srv = serve("io_types.py:ImageAndData", {"TMPDIR": str(server_tmp)})
+    picture = Image.new("RGB", (4, 2), (200, 10, 10))
+    picture.putpixel((0, 0), (0, 0, 255))
+    png = tmp_path / "in.png"
+    picture.save(png)
+    with bentoml.SyncHTTPClient(srv.url) as client:
+        gray = client.grayscale(image=picture)
+        assert gray.mode == "L" and gray.size == (4, 2) and gray.format == "JPEG"
+        mirrored = client.mirror(image=png)
+        with Image.open(mirrored) as out:
+            assert out.getpixel((3, 0)) == (0, 0, 255)  # the blue corner moved across
+        frame = pd.DataFrame({"petal_length": [0.5, 3.0], "petal_width": [0.5, 2.0], "extra": [1, 2]})
+        assert list(client.classify(input=frame)["species"]) == ["setosa", "virginica"]
+        unit = client.normalize(x=torch.tensor([[3.0, 4.0, 0.0, 0.0]]))
+        assert torch.allclose(unit.float(), torch.tensor([[0.6, 0.8, 0.0, 0.0]]))
+        with pytest.raises(APIClientError) as info:
+            client.classify(input=pd.DataFrame({"petal_length": [1.0]}))
+        assert info.value.status == 422 and "petal_width" in info.value.message
+    with httpx.Client(base_url=srv.url, timeout=10) as http:
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        corrupt = buffer.getvalue()[:40]
+        r = http.post("/grayscale", content=corrupt, headers={"content-type": "image/png"})
+        assert r.status_code == 422 and r.json()["field"] == "$.image"
+        r = http.post("/mirror", files={"image": ("a.txt", b"hello", "text/plain")})
+        assert r.status_code == 415 and "image" in r.json()["error"]
+        r = http.post("/normalize", json={"x": [[1, 2, 3]]})
+        assert r.status_code == 422 and r.json()["field"] == "$.x"
+    assert not list(server_tmp.iterdir())  # ctx.temp_dir and the uploads of Path inputs are gone
