@@ -15,16 +15,14 @@ import sys
 import threading
 from dataclasses import dataclass
 from time import monotonic
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from .._remote import local_object
 from ..sdk.service import ServiceSpec, get_spec
+from .dependencies import Dependencies
 from .placement import compute_threads, plan_devices
 from .priority import PriorityPlan, apply_switch_interval
 from .tuning import Tuning
-
-if TYPE_CHECKING:
-    from .dependencies import Dependencies
 
 log = logging.getLogger("bento_like.serving")
 
@@ -183,7 +181,7 @@ class Instance:
     def __init__(self, spec: ServiceSpec, device: str, index: int = 0, threads: int = 4, compute_threads: int = 1,
                  remotes: Dependencies | None = None) -> None:
         self.spec = spec
-        self.remotes = remotes
+        self.remotes = remotes or Dependencies(spec, None)  # without addresses: only url= dependencies are remote
         self.device = device
         self.index = index
         self.obj: Any = None
@@ -225,7 +223,7 @@ class Instance:
         obj.__dict__["device"] = self.device
         for attr, dep in spec.dependencies.items():
             # a client when the dependency runs as its own server (or lives at a URL), else built here
-            value = self.remotes.client(dep) if self.remotes is not None else None
+            value = self.remotes.client(dep)
             if value is None:
                 value = local_object(self._construct(get_spec(dep.target)))
             obj.__dict__[attr] = value if dep.mode is None else getattr(value, f"to_{dep.mode}")
