@@ -150,6 +150,31 @@ class Dependency:
         return f"depends({on or ''}{', ' if on and self.url else ''}{f'url={self.url!r}' if self.url else ''})"
 
 
+def service_key(cls: type) -> str:
+    """A dependency's identity in every process: they all import the service's modules the same way."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def separate_services(spec: ServiceSpec) -> dict[str, ServiceSpec]:
+    """Every service ``spec`` depends on, at any depth, that runs as its own server: each once."""
+    found: dict[str, ServiceSpec] = {}
+
+    def walk(s: ServiceSpec) -> None:
+        for dep in s.dependencies.values():
+            if dep.target is None or dep.url is not None:
+                continue  # another deployment's business
+            target = get_spec(dep.target)
+            key = service_key(dep.target)
+            if dep.remote and key not in found:
+                found[key] = target
+                walk(target)
+            elif not dep.remote:
+                walk(target)
+
+    walk(spec)
+    return found
+
+
 def depends(on: type | None = None, *, url: str | None = None) -> Any:
     """Compose services: ``embedder = bl.depends(Embedder)`` as a class attribute gives each instance an Embedder.
 

@@ -33,7 +33,7 @@ import msgspec
 
 from .._client_core import APIClientError, APIConnectionError, APIError, APIServerError, APITimeoutError
 from .._remote import RemoteService
-from ..sdk.service import Dependency, ServiceSpec, get_spec
+from ..sdk.service import Dependency, ServiceSpec, get_spec, separate_services, service_key
 from .errors import HTTPError
 
 log = logging.getLogger("bento_like.serving")
@@ -48,31 +48,6 @@ class DependencyAddress(msgspec.Struct, frozen=True):
     name: str
     url: str
     log: str
-
-
-def service_key(cls: type) -> str:
-    """A dependency's identity in every process: they all import the service's modules the same way."""
-    return f"{cls.__module__}:{cls.__qualname__}"
-
-
-def separate_services(spec: ServiceSpec) -> dict[str, ServiceSpec]:
-    """Every service ``spec`` depends on, at any depth, that runs as its own server: each once."""
-    found: dict[str, ServiceSpec] = {}
-
-    def walk(s: ServiceSpec) -> None:
-        for dep in s.dependencies.values():
-            if dep.target is None or dep.url is not None:
-                continue  # another deployment's business
-            target = get_spec(dep.target)
-            key = service_key(dep.target)
-            if dep.remote and key not in found:
-                found[key] = target
-                walk(target)
-            elif not dep.remote:
-                walk(target)
-
-    walk(spec)
-    return found
 
 
 def called_remotely(spec: ServiceSpec) -> list[str]:

@@ -38,9 +38,9 @@ import msgspec
 from ..models._store import MODEL_STORE_ENV
 from ..sdk.api import ServiceDefinitionError
 from ..sdk.loader import load_service
-from ..sdk.service import ServiceSpec
+from ..sdk.service import ServiceSpec, separate_services
 from .app import ServeOptions, create_app
-from .dependencies import DependencyProcesses, separate_services
+from .dependencies import DependencyProcesses
 from .tuning import Tuning, from_reloader, hand_to_reloaded
 
 log = logging.getLogger("bento_like.serving")
