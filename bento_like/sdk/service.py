@@ -158,18 +158,20 @@ def service_key(cls: type) -> str:
 def separate_services(spec: ServiceSpec) -> dict[str, ServiceSpec]:
     """Every service ``spec`` depends on, at any depth, that runs as its own server: each once."""
     found: dict[str, ServiceSpec] = {}
+    seen = {service_key(spec.cls)}  # every service walked: two services may depend on each other
 
     def walk(s: ServiceSpec) -> None:
         for dep in s.dependencies.values():
             if dep.target is None or dep.url is not None:
                 continue  # another deployment's business
-            target = get_spec(dep.target)
             key = service_key(dep.target)
-            if dep.remote and key not in found:
+            if key in seen:
+                continue
+            seen.add(key)
+            target = get_spec(dep.target)
+            if dep.remote:
                 found[key] = target
-                walk(target)
-            elif not dep.remote:
-                walk(target)
+            walk(target)
 
     walk(spec)
     return found

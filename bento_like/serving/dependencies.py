@@ -50,7 +50,7 @@ class DependencyAddress(msgspec.Struct, frozen=True):
     log: str
 
 
-def called_remotely(spec: ServiceSpec) -> list[str]:
+def called_remotely(spec: ServiceSpec, _seen: frozenset[str] = frozenset()) -> list[str]:
     """The separately-run services that this process's instances call (through in-process dependencies too)."""
     keys: list[str] = []
     for dep in spec.dependencies.values():
@@ -60,8 +60,8 @@ def called_remotely(spec: ServiceSpec) -> list[str]:
         if dep.remote:
             if key not in keys:
                 keys.append(key)
-        else:
-            keys += [k for k in called_remotely(get_spec(dep.target)) if k not in keys]
+        elif key not in _seen:
+            keys += [k for k in called_remotely(get_spec(dep.target), _seen | {key}) if k not in keys]
     return keys
 
 
@@ -282,9 +282,11 @@ class DependencyProcesses:
             return
         import multiprocessing
 
+        from .app import ServeOptions
+
         self._ctx = multiprocessing.get_context("spawn")
         # A dependency takes its own declaration's limits, not the flags given for the caller.
-        self._options = type(options)(tuning=options.tuning, dependencies=self.addresses)
+        self._options = ServeOptions(tuning=options.tuning, dependencies=self.addresses)
         for child in self.children:
             self._start(child)
             log.info("dependency %s: pid %d on %s (workers: %d; log: %s)", child.spec.name, child.proc.pid,
@@ -357,6 +359,10 @@ class DependencyProcesses:
         if self.failure is None:
             self.failure = message
             log.error("%s; stopping", message)
+            # the server installs its SIGTERM handler as it starts: before that, SIGTERM would kill us mid-word
+            deadline = time.monotonic() + 30
+            while signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None) and time.monotonic() < deadline:
+                time.sleep(0.05)
             os.kill(os.getpid(), signal.SIGTERM)
 
     def stop(self) -> None:
