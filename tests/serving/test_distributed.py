@@ -203,3 +203,73 @@ def test_depends_url_outside_the_runtime_is_a_client(start_server) -> None:
     assert obj.split("x y") == ["x", "y"]
     assert asyncio.run(obj.typed.split(text="p q")) == ["p", "q"]
     assert repr(Outside.remote) == f"depends(url={tokenizer.url!r})"
+
+
+def test_sigkill_of_pkg_serve_leaves_no_dependency_behind(start_server) -> None:
+    server = start_server("distributed.py:Caller", cwd=SERVICES)
+    below = _descendants(server.proc.pid)
+    server.proc.kill()  # no chance to stop them: the kernel's parent-death signal does
+    server.proc.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_alive(pid) for pid in below):
+        time.sleep(0.1)
+    assert not [pid for pid in below if _alive(pid)], "dependency processes outlived a killed pkg serve"
+
+
+BENTO_SERVICE = '''
+import os
+
+import bento_like as bl
+
+
+@bl.service(name="scorer", resources={"cpu": 1}, workers=2)
+class Scorer:
+    weights = bl.model("weights:latest")
+
+    @bl.api
+    def score(self, x: float) -> dict:
+        return {"score": x * self.weights["scale"], "pid": os.getpid()}
+
+
+@bl.service(name="front")
+class Front:
+    scorer = bl.depends(Scorer)
+
+    @bl.api
+    def predict(self, x: float) -> dict:
+        return {**self.scorer.score(x), "front": os.getpid()}
+'''
+
+
+def test_a_bento_packages_and_serves_its_separately_run_dependency(tmp_path: Path, home: Path, start_server) -> None:
+    from bento_like.builders.bento import build_bento
+
+    bl.models.save("weights", {"scale": 3.0}, framework="pickle")
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "service.py").write_text(BENTO_SERVICE)
+    (project / "bentofile.yaml").write_text("service: service.py:Front\n")
+    info = build_bento(project).bento.info
+    assert [m.attr for m in info.models] == ["scorer.weights"]
+    [entry] = info.dependencies
+    assert (entry.name, entry.service, entry.workers, entry.resources["cpu"]) == ("scorer", "service:Scorer", 2, 1.0)
+    bl.models.delete("weights:latest")  # served from the bento's own copy, by the dependency's process
+    server = start_server(info.tag, cwd=tmp_path)
+    body = _post(server, "/predict", x=2.0).json()
+    assert body["score"] == 6.0 and body["pid"] != body["front"]
+
+
+def test_the_rule_and_the_declaration_errors() -> None:
+    from bento_like.sdk.service import get_spec, runs_on_its_own, separate_services, service_key
+
+    services = _services_module()
+    assert runs_on_its_own(get_spec(services.Embedder)) and runs_on_its_own(get_spec(services.Tokenizer))
+    assert not runs_on_its_own(get_spec(services.Helper))
+    # each once, though both Caller and Embedder depend on Tokenizer; url= dependencies are nobody's to start
+    assert list(separate_services(get_spec(services.Caller))) == [
+        service_key(services.Embedder), service_key(services.Tokenizer)]
+    assert separate_services(get_spec(services.UrlCaller)) == {}
+    with pytest.raises(bl.ServiceDefinitionError, match="takes a service class, url=..., or both"):
+        bl.depends()
+    with pytest.raises(bl.ServiceDefinitionError, match="takes a URL such as"):
+        bl.depends(url="localhost:3000")
