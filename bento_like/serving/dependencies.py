@@ -159,7 +159,7 @@ class Dependencies:
             while pending:
                 self.waiting = [a.name for a in pending]
                 for address in list(pending):
-                    ready, failure = await _probe(http, address)
+                    ready, failure, _ = await _probe(http, address)
                     if failure is not None:
                         return f"dependency {address.name!r} failed to start: {failure}; its log: {address.log}"
                     if ready:
@@ -190,14 +190,14 @@ class Dependencies:
             while True:
                 await asyncio.sleep(WATCH_S)
                 for address in self.waited:
-                    ready, failure = await _probe(http, address)
+                    ready, _, why = await _probe(http, address)
                     was_down = address.name in self.down
                     if ready:
                         if was_down:
                             log.info("dependency %s is ready again", address.name)
                         self.down.pop(address.name, None)
                         continue
-                    self.down[address.name] = f"{failure or 'not answering /readyz with 200'}; its log: {address.log}"
+                    self.down[address.name] = f"{why}; its log: {address.log}"
                     if not was_down:
                         log.error("dependency %s at %s is not ready: /readyz answers 503 meanwhile (its log: %s)",
                                   address.name, address.url, address.log)
@@ -209,15 +209,25 @@ class Dependencies:
             await client.aclose()
 
 
-async def _probe(http: Any, address: DependencyAddress) -> tuple[bool, str | None]:
-    """(ready, why its startup failed) from one ``/readyz``; unreachable is neither: it may be starting."""
+async def _probe(http: Any, address: DependencyAddress) -> tuple[bool, str | None, str]:
+    """(ready, why its startup failed, why it is not ready) from one ``/readyz``. Unreachable is no startup
+    failure: it may be starting, or restarting."""
     import httpx
 
     try:
         response = await http.get(address.url + "/readyz")
-    except httpx.TransportError:
-        return False, None
-    return response.status_code == 200, _startup_failure(response.status_code, response.content)
+    except httpx.TransportError as exc:
+        return False, None, f"/readyz unreachable: {type(exc).__name__}"
+    ready = response.status_code == 200
+    return ready, _startup_failure(response.status_code, response.content), _not_ready(response)
+
+
+def _not_ready(response: Any) -> str:
+    try:
+        error = msgspec.json.decode(response.content).get("error")
+    except (msgspec.DecodeError, AttributeError):
+        error = None
+    return f"/readyz answers {response.status_code}" + (f": {error}" if error else "")
 
 
 def _startup_failure(status: int, body: bytes) -> str | None:
@@ -370,6 +380,8 @@ class DependencyProcesses:
         with self._lock:
             self.stopping = True
         procs = [c.proc for c in self.children if c.proc is not None]
+        if procs:
+            log.info("stopping %d dependenc%s", len(procs), "ies" if len(procs) > 1 else "y")
         for proc in procs:
             if proc.is_alive():
                 os.kill(proc.pid, signal.SIGTERM)

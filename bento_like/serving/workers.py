@@ -10,6 +10,9 @@ dropped, so a client is refused, never reset), those the kernel already accepted
 the socket closes; in-flight requests finish (up to ``graceful_timeout``), the ``@on_shutdown`` hooks run and
 the process exits 0. The parent forwards SIGTERM to every worker, closes its own copy of the socket (else the
 kernel would go on accepting connections nobody takes), waits for them and exits 0.
+
+Dependencies that run as their own servers (``bl.depends`` of a service that declares resources, workers or
+instances) are started by ``serve`` before the caller and stopped after it: serving/dependencies.py.
 """
 
 from __future__ import annotations
