@@ -70,6 +70,18 @@ class ModelEntry(msgspec.Struct, frozen=True):
     """The stored model this one was optimized from at build time (its report is in the model's metadata)."""
 
 
+class DependencyEntry(msgspec.Struct, frozen=True):
+    """A service the bento's service depends on that runs as its own server (docs/distributed.md): what a deploy
+    step needs to run it as a deployment of its own."""
+
+    name: str
+    service: str  # module:Class in src/, as the server finds it
+    workers: int = 1
+    instances: int | None = None
+    resources: dict[str, Any] = {}
+    traffic: dict[str, Any] = {}
+
+
 class PythonEnv(msgspec.Struct, frozen=True):
     version: str
     lock_file: str = "env/requirements.lock.txt"
@@ -92,6 +104,8 @@ class BentoManifest(msgspec.Struct, frozen=True, kw_only=True):
     models: tuple[ModelEntry, ...] = ()
     resources: dict[str, Any] = {}
     traffic: dict[str, Any] = {}
+    dependencies: tuple[DependencyEntry, ...] = ()
+    """The depended-on services that run as their own servers; their models are in ``models`` with the rest."""
     labels: dict[str, str] = {}
     python: PythonEnv
     platform: str = "linux/amd64"

@@ -32,6 +32,7 @@ from ..bentos import (
     BentoManifest,
     BentoStore,
     BuildInfo,
+    DependencyEntry,
     FileEntry,
     ModelEntry,
     PythonEnv,
@@ -43,6 +44,7 @@ from ..description import APIDescription, describe, openapi_document
 from ..models import Model, ModelStore, default_store
 from ..models._store import STAGING_DIR
 from ..sdk.loader import load_service
+from ..sdk.service import separate_services
 from ._sources import SecretsError, copy_sources, select_sources
 from .lock import PLATFORMS, resolve, runtime_requirements
 
@@ -248,6 +250,7 @@ def build_bento(
             models=tuple(models),
             resources=dataclasses.asdict(spec.resources),
             traffic=dataclasses.asdict(spec.traffic),
+            dependencies=_dependency_entries(spec),
             labels=dict(sorted(cfg.labels.items())),
             python=PythonEnv(version=python_version, requirements=tuple(requirements)),
             platform=cfg.python.platform,
@@ -275,11 +278,21 @@ def _now() -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _dependency_entries(spec: Any) -> tuple[DependencyEntry, ...]:
+    return tuple(
+        DependencyEntry(name=dep.name, service=key, workers=dep.workers, instances=dep.instances,
+                        resources=dataclasses.asdict(dep.resources), traffic=dataclasses.asdict(dep.traffic))
+        for key, dep in separate_services(spec).items()
+    )
+
+
 def _content_version(draft: BentoManifest) -> str:
     """A digest of everything the bento holds except when it was built."""
     data = msgspec.to_builtins(draft)
     data.pop("version")
     data.pop("build")
+    if not data["dependencies"]:  # absent before bentos recorded them: their versions stay what they were
+        data.pop("dependencies")
     data["bento_like_version"] = draft.build.bento_like_version
     return hashlib.sha256(msgspec.json.encode(data, order="sorted")).hexdigest()[:16]
 

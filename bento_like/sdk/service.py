@@ -75,21 +75,59 @@ class ServiceSpec:
 
         refs = dict(model_refs(self.cls))
         for attr, dep in self.dependencies.items():
+            if dep.url is not None:  # another deployment's models: not this bento's
+                continue
             for sub, ref in get_spec(dep.target).model_refs().items():
                 refs[f"{attr}.{sub}"] = ref
         return refs
 
 
-class Dependency:
-    """``self.other`` inside a service: an instance of another service, built by the runtime in this process."""
+def runs_on_its_own(spec: ServiceSpec) -> bool:
+    """Whether a depended-on service runs as its own server (its own processes) under ``pkg serve``.
 
-    def __init__(self, target: type) -> None:
-        if get_spec_or_none(target) is None:
+    A service that declares how it runs (resources, ``workers`` > 1, ``instances``) asked to be scaled on its
+    own terms, which it cannot be inside its caller's process; one that declares nothing is a plain helper and
+    is built inside each instance of its caller, as a method call costs nothing there."""
+    return spec.resources != Resources() or spec.workers > 1 or spec.instances is not None
+
+
+class Dependency:
+    """``self.other`` inside a service: another service, built in this process or called over HTTP.
+
+    Under ``pkg serve`` the runtime sets the attribute on each instance: the other service's object when it runs
+    in this process, or a client with its API methods when it runs on its own (``runs_on_its_own``) or lives at
+    ``url``. Outside the runtime (a notebook, a unit test) the first access builds the object here, or a client
+    for ``url``.
+    """
+
+    def __init__(self, on: type | None = None, *, url: str | None = None, mode: str | None = None) -> None:
+        if on is None and url is None:
+            raise ServiceDefinitionError("depends() takes a service class, url=..., or both")
+        if on is not None and get_spec_or_none(on) is None:
             raise ServiceDefinitionError(
-                f"depends() takes a class decorated with @bento_like.service; {target!r} is not one"
+                f"depends() takes a class decorated with @bento_like.service; {on!r} is not one"
             )
-        self.target = target
+        if url is not None and (not isinstance(url, str) or "://" not in url):
+            raise ServiceDefinitionError(f"depends(url=...) takes a URL such as 'http://10.0.0.5:3000', got {url!r}")
+        self.target = on
+        self.url = url
+        self.mode = mode  # None: the methods as the service wrote them; "async" / "sync": all awaitable / all blocking
         self.attr: str | None = None
+
+    @property
+    def remote(self) -> bool:
+        """Whether the runtime calls this dependency over HTTP instead of building it in the caller's process."""
+        return self.url is not None or runs_on_its_own(get_spec(self.target))
+
+    @property
+    def to_async(self) -> "Dependency":
+        """``other = bl.depends(Other).to_async``: every API method of ``self.other`` is awaitable."""
+        return Dependency(self.target, url=self.url, mode="async")
+
+    @property
+    def to_sync(self) -> "Dependency":
+        """``other = bl.depends(Other).to_sync``: every API method of ``self.other`` blocks and returns its value."""
+        return Dependency(self.target, url=self.url, mode="sync")
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.attr = name
@@ -97,15 +135,58 @@ class Dependency:
     def __get__(self, obj: Any, owner: type | None = None) -> Any:
         if obj is None:
             return self
-        # Outside the runtime (a notebook, a unit test), build the dependency on first use.
-        instance = self.target()
-        obj.__dict__[self.attr] = instance
-        return instance
+        from .._remote import RemoteService, local_object
+
+        # Outside the runtime, build the dependency on first use (a URL is the only way to reach a deployment).
+        if self.url is not None:
+            value: Any = RemoteService(self.url, self.target)
+        else:
+            value = local_object(self.target())
+        if self.mode is not None:
+            value = getattr(value, f"to_{self.mode}")
+        obj.__dict__[self.attr] = value
+        return value
+
+    def __repr__(self) -> str:
+        on = self.target.__name__ if self.target is not None else None
+        return f"depends({on or ''}{', ' if on and self.url else ''}{f'url={self.url!r}' if self.url else ''})"
 
 
-def depends(target: type) -> Any:
-    """Compose services: ``embedder = bl.depends(Embedder)`` as a class attribute gives each instance an Embedder."""
-    return Dependency(target)
+def service_key(cls: type) -> str:
+    """A dependency's identity in every process: they all import the service's modules the same way."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def separate_services(spec: ServiceSpec) -> dict[str, ServiceSpec]:
+    """Every service ``spec`` depends on, at any depth, that runs as its own server: each once."""
+    found: dict[str, ServiceSpec] = {}
+    seen = {service_key(spec.cls)}  # every service walked: two services may depend on each other
+
+    def walk(s: ServiceSpec) -> None:
+        for dep in s.dependencies.values():
+            if dep.target is None or dep.url is not None:
+                continue  # another deployment's business
+            key = service_key(dep.target)
+            if key in seen:
+                continue
+            seen.add(key)
+            target = get_spec(dep.target)
+            if dep.remote:
+                found[key] = target
+            walk(target)
+
+    walk(spec)
+    return found
+
+
+def depends(on: type | None = None, *, url: str | None = None) -> Any:
+    """Compose services: ``embedder = bl.depends(Embedder)`` as a class attribute gives each instance an Embedder.
+
+    The Embedder runs in the caller's process, or as its own server when it declares its own resources, workers
+    or instances (docs/distributed.md). ``bl.depends(url="http://host:3000")`` calls a service already running
+    there; ``bl.depends(Embedder, url=...)`` does too, with Embedder's method names and kinds (sync or async).
+    """
+    return Dependency(on, url=url)
 
 
 @dataclass(frozen=True)

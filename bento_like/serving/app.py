@@ -13,7 +13,7 @@ import inspect
 import logging
 import os
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -30,6 +30,7 @@ from ..description import openapi_document
 from ..sdk.service import ServiceSpec, get_spec, set_current_service
 from .batching import Batcher, BatchMetrics
 from .deadlines import Watchdog
+from .dependencies import Dependencies, DependencyAddress
 from .errors import HTTPError
 from .instances import InstancePool
 from .metrics import Registry, publish, published
@@ -59,6 +60,8 @@ class ServeOptions:
     worker_id: str | None = None
     tuning: Tuning | None = None  # read from the environment once by `pkg serve`, and sent to every worker
     metrics_dir: str | None = None  # set by the supervisor of --workers N: where workers publish their metrics
+    # by service key: where the separately-run dependencies listen (set by `pkg serve`, serving/dependencies.py)
+    dependencies: dict[str, DependencyAddress] = field(default_factory=dict)
 
 
 class ServerState:
@@ -75,7 +78,8 @@ class ServerState:
         self.max_body_size: int = options.max_body_size or traffic.max_body_size
         self.max_queue: int = options.max_queue or traffic.max_queue or DEFAULT_MAX_QUEUE
         self.metrics = Registry({"worker": options.worker_id} if options.worker_id else None)
-        self.pool = InstancePool(spec, self.tuning, workers=options.workers)
+        self.dependencies = Dependencies(spec, options.dependencies)
+        self.pool = InstancePool(spec, self.tuning, workers=options.workers, remotes=self.dependencies)
         self.watchdog = Watchdog(self.tuning.watchdog_interval_s)
         self.load = ServerLoad()
         self.endpoints: list[APIEndpoint] = []
@@ -86,6 +90,11 @@ class ServerState:
         self._is_ready_hook = getattr(spec.cls, "__is_ready__", None)
 
     async def start(self) -> None:
+        failure = await self.dependencies.wait_until_ready()
+        if failure is not None:
+            self.failure = failure
+            log.error("%s; the server will not become ready", failure)
+            return
         try:
             await self.pool.start()
         except Exception as exc:
@@ -214,7 +223,8 @@ def run_deployment_hooks(spec: ServiceSpec) -> None:
             return
         done.add(s.cls)
         for dep in s.dependencies.values():
-            run(get_spec(dep.target))
+            if dep.url is None:  # a deployment at a URL was deployed by someone else
+                run(get_spec(dep.target))
         for attr in s.deployment_hooks:
             log.info("running the deployment hook %s.%s", s.name, attr)
             result = getattr(s.cls, attr)()
@@ -270,6 +280,10 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_st
             if blocked is not None:
                 body = {"ready": False, "state": "blocked", "error": blocked}
                 return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
+            dependency = state.dependencies.problem()
+            if dependency is not None:
+                body = {"ready": False, "state": "degraded", "error": dependency}
+                return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
             missing = state.missing_workers()
             if not missing:
                 return PlainTextResponse("ready")
@@ -288,7 +302,8 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_st
                 {"ready": False, "state": "failed", "error": f"startup failed: {state.failure}"}, status_code=503
             )
         return JSONResponse(
-            {"ready": False, "state": "starting", "error": "instances are being built"},
+            {"ready": False, "state": "starting",
+             "error": state.dependencies.waiting_message() or "instances are being built"},
             status_code=503,
             headers={"Retry-After": "1"},
         )
@@ -358,6 +373,7 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_st
         state._publish(0)
         state.stop_batchers()
         await state.pool.stop()
+        await state.dependencies.close()
         state.watchdog.stop()
 
     app = ServiceApp(

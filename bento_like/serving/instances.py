@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from time import monotonic
 from typing import Any, Callable
 
+from .._remote import local_object
 from ..sdk.service import ServiceSpec, get_spec
+from .dependencies import Dependencies
 from .placement import compute_threads, plan_devices
 from .priority import PriorityPlan, apply_switch_interval
 from .tuning import Tuning
@@ -176,8 +178,10 @@ def _deliver(done: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
 class Instance:
     """One built object of the service class plus the objects of the services it depends on."""
 
-    def __init__(self, spec: ServiceSpec, device: str, index: int = 0, threads: int = 4, compute_threads: int = 1) -> None:
+    def __init__(self, spec: ServiceSpec, device: str, index: int = 0, threads: int = 4, compute_threads: int = 1,
+                 remotes: Dependencies | None = None) -> None:
         self.spec = spec
+        self.remotes = remotes or Dependencies(spec, None)  # without addresses: only url= dependencies are remote
         self.device = device
         self.index = index
         self.obj: Any = None
@@ -218,7 +222,11 @@ class Instance:
         obj = spec.cls.__new__(spec.cls)
         obj.__dict__["device"] = self.device
         for attr, dep in spec.dependencies.items():
-            obj.__dict__[attr] = self._construct(get_spec(dep.target))
+            # a client when the dependency runs as its own server (or lives at a URL), else built here
+            value = self.remotes.client(dep)
+            if value is None:
+                value = local_object(self._construct(get_spec(dep.target)))
+            obj.__dict__[attr] = value if dep.mode is None else getattr(value, f"to_{dep.mode}")
         for attr, ref in model_refs(spec.cls).items():
             obj.__dict__[attr] = ref.load(device=self.device)
         obj.__init__()
@@ -241,14 +249,15 @@ class Instance:
 class InstancePool:
     """The instances of the served service in this process, and which one takes the next request."""
 
-    def __init__(self, spec: ServiceSpec, tuning: Tuning | None = None, workers: int = 1) -> None:
+    def __init__(self, spec: ServiceSpec, tuning: Tuning | None = None, workers: int = 1,
+                 remotes: Dependencies | None = None) -> None:
         self.spec = spec
         self.tuning = tuning or Tuning()
         placement = self.tuning.placement
         self.devices = plan_devices(spec)
         compute = compute_threads(placement, self.devices, workers)
         threads = placement.request_threads
-        self.instances = [Instance(spec, d, i, threads, compute) for i, d in enumerate(self.devices)]
+        self.instances = [Instance(spec, d, i, threads, compute, remotes) for i, d in enumerate(self.devices)]
         self._idle: asyncio.Queue[Instance] | None = None
         self._waiting: dict[object, int] = {}  # who waits for an instance now (the batchers), how many times
 

@@ -10,6 +10,9 @@ dropped, so a client is refused, never reset), those the kernel already accepted
 the socket closes; in-flight requests finish (up to ``graceful_timeout``), the ``@on_shutdown`` hooks run and
 the process exits 0. The parent forwards SIGTERM to every worker, closes its own copy of the socket (else the
 kernel would go on accepting connections nobody takes), waits for them and exits 0.
+
+Dependencies that run as their own servers (``bl.depends`` of a service that declares resources, workers or
+instances) are started by ``serve`` before the caller and stopped after it: serving/dependencies.py.
 """
 
 from __future__ import annotations
@@ -38,8 +41,9 @@ import msgspec
 from ..models._store import MODEL_STORE_ENV
 from ..sdk.api import ServiceDefinitionError
 from ..sdk.loader import load_service
-from ..sdk.service import ServiceSpec
+from ..sdk.service import ServiceSpec, separate_services
 from .app import ServeOptions, create_app, run_deployment_hooks
+from .dependencies import DependencyProcesses
 from .tuning import Tuning, from_reloader, hand_to_reloaded
 
 log = logging.getLogger("bento_like.serving")
@@ -75,6 +79,10 @@ def serve(
             raise
         # `name:version` was meant as a bento more often than as module:Class: say what both lookups found
         raise ServiceDefinitionError(f"{target!r} is neither a bento ({not_a_bento}) nor a module ({exc})") from None
+    server_args = _server_args(log_level, access_log, graceful_timeout, options.tuning)
+    # Each separately-run dependency's port is bound now, so that every process is told every address.
+    dependencies = DependencyProcesses(spec, where, log_level, server_args, graceful_timeout)
+    options = dataclasses.replace(options, dependencies=dependencies.addresses)
     app = create_app(spec, options)  # fails fast, in the parent, on an API that cannot be served
     try:
         run_deployment_hooks(spec)
@@ -82,15 +90,29 @@ def serve(
         log.error("the deployment hook of %s failed", spec.name, exc_info=True)
         raise ServeError(f"an @on_deployment hook of {spec.name} failed: {type(exc).__name__}: {exc}") from None
     workers = workers or spec.workers
-    server_args: dict[str, Any] = dict(
+    dependencies.start(options)
+    try:
+        _serve_caller(spec, where, app, options, host, port, workers, reload, server_args, graceful_timeout)
+    finally:
+        dependencies.stop()
+    if dependencies.failure:
+        raise ServeError(dependencies.failure)
+
+
+def _server_args(log_level: str, access_log: bool, graceful_timeout: float, tuning: Tuning) -> dict[str, Any]:
+    return dict(
         log_level=log_level,
         access_log=access_log,
         timeout_graceful_shutdown=graceful_timeout,
-        timeout_keep_alive=options.tuning.http.keep_alive_s,
+        timeout_keep_alive=tuning.http.keep_alive_s,
         log_config=None,
         server_header=False,
         ws="none",  # no API is a WebSocket; an upgraded connection would leave the protocol's deadlines behind
     )
+
+
+def _serve_caller(spec: ServiceSpec, where: Target, app: Any, options: ServeOptions, host: str, port: int,
+                  workers: int, reload: bool, server_args: dict[str, Any], graceful_timeout: float) -> None:
     if reload:
         _bind(host, port).close()  # a port in use is one error line here, not uvicorn's exit 3
         _serve_with_reload(where, options, host, port, server_args)
@@ -108,6 +130,7 @@ class Target(msgspec.Struct, frozen=True):
     target: str
     working_dir: str
     bento_dir: str | None = None
+    service: str | None = None  # a dependency of the target's service to serve instead (serving/dependencies.py)
 
 
 def _resolve_bento(target: str, working_dir: str) -> tuple[Target, str | None]:
@@ -141,6 +164,11 @@ def _load(where: Target) -> ServiceSpec:
         for attr, ref in spec.model_refs().items():
             if attr in packaged:
                 ref.tag = packaged[attr]
+    if where.service is not None:
+        services = separate_services(spec)
+        if where.service not in services:
+            raise ServiceDefinitionError(f"{where.target!r} has no separately-run dependency {where.service!r}")
+        spec = services[where.service]
     return spec
 
 
@@ -191,6 +219,7 @@ class Supervisor:
         port: int,
         server_args: dict[str, Any],
         graceful_timeout: float,
+        sock: socket.socket | None = None,
     ) -> None:
         self.where = where
         self.options = options
@@ -201,7 +230,7 @@ class Supervisor:
         # 1 = ready, 0 = starting or gone; shared with every worker so each /readyz sees the whole set
         self.status = self.ctx.Array("b", workers, lock=False)
         self.gpus = _split_gpus(spec, workers)
-        self.sock = _bind(host, port)
+        self.sock = sock or _bind(host, port)  # a dependency's is bound by pkg serve's parent
         self.procs: list[Any] = [None] * workers
         self.started_at = [0.0] * workers
         self.failures = [0] * workers
@@ -427,3 +456,5 @@ def _configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
     )
     logging.getLogger("bento_like").setLevel(level.upper())
+    # httpx logs each request at INFO: the probes and calls to separately-run dependencies would flood the log
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
