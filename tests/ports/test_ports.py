@@ -106,6 +106,8 @@ def test_llm_stream_with_pydantic_config_and_context(serve) -> None:  # type: ig
         assert r.status_code == 422 and r.json()["field"] == "$.config.max_tokens", r.text
         r = http.post("/generate", json={"temperature": 2.5})
         assert r.status_code == 422 and r.json()["field"] == "$.temperature", r.text
+        r = http.post("/generate", json={"top_p": 0})
+        assert r.status_code == 422 and r.json()["field"] == "$.top_p", r.text
         r = http.post("/generate", json={"config": {"stop": ["a", "b", "c", "d", "e"]}})
         assert r.status_code == 422 and r.json()["field"] == "$.config.stop", r.text
         r = http.post("/tokenize", json={"text": "  "})
@@ -221,3 +223,18 @@ def test_io_types_images_paths_dataframes_tensors(serve, tmp_path: Path) -> None
         r = http.post("/normalize", json={"x": [[1, 2, 3]]})
         assert r.status_code == 422 and r.json()["field"] == "$.x"
     assert not list(server_tmp.iterdir())  # ctx.temp_dir and the uploads of Path inputs are gone
+
+
+def test_distributed_services_with_depends(serve) -> None:  # type: ignore[no-untyped-def]
+    srv = serve("distributed.py:Classifier")
+    with bentoml.SyncHTTPClient(srv.url) as client:
+        answer = client.classify(text="One Two Three Four")
+        assert answer["label"] == "long"
+        assert answer["preprocessed_by"] != answer["classified_by"]  # the preprocessor runs in its own process
+        assert client.aclassify(text="a B c") == "c b a"
+        with pytest.raises(bentoml.client.APIError) as info:
+            client.classify(text="   ")
+        assert info.value.status >= 500 and "preprocess" in info.value.message
+        with pytest.raises(APIClientError) as bad:
+            client.classify(text=3)
+        assert bad.value.status == 422 and bad.value.field == "$.text"

@@ -30,6 +30,7 @@ class LLM:
         prompt: str = "Explain superconductors like I'm five years old",
         temperature: Annotated[float, Ge(0), Le(2)] = 0.7,
         config: GenerationConfig = GenerationConfig(),
+        top_p: float = Field(0.9, gt=0, le=1, description="nucleus sampling"),
     ) -> AsyncGenerator[str, None]:
         ctx.response.headers["X-Model"] = "stand-in"
         for i in range(config.max_tokens):
