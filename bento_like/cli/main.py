@@ -52,6 +52,13 @@ def cli() -> None:
 @click.option("--max-queue", type=click.IntRange(1), help="Requests waiting per API before 429 [service's, or 1024].")
 @click.option("--working-dir", type=click.Path(file_okay=False, exists=True), help="Where TARGET is resolved [cwd].")
 @click.option("--graceful-timeout", default=30.0, show_default=True, help="Seconds in-flight requests get on SIGTERM.")
+@click.option(
+    "--drain-delay",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Seconds to keep serving after SIGTERM while /readyz answers 503, for a load balancer to notice "
+    "[$BENTO_LIKE_DRAIN_S, or 0; 5 is usual under Kubernetes].",
+)
 def serve(target: str, **opts) -> None:  # type: ignore[no-untyped-def]
     """Serve TARGET: a service as file.py:Class or module:Class, or a bento (name:version or its directory)."""
     from ..sdk.api import ServiceDefinitionError
@@ -70,6 +77,7 @@ def serve(target: str, **opts) -> None:  # type: ignore[no-untyped-def]
             access_log=opts["access_log"],
             working_dir=opts["working_dir"],
             graceful_timeout=opts["graceful_timeout"],
+            drain_delay=opts["drain_delay"],
             options=ServeOptions(
                 timeout=opts["timeout"],
                 max_concurrency=opts["max_concurrency"],
@@ -79,6 +87,17 @@ def serve(target: str, **opts) -> None:  # type: ignore[no-untyped-def]
         )
     except (ServiceDefinitionError, SettingsError, ServeError) as exc:
         raise click.ClickException(str(exc)) from None
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def probe(args: tuple[str, ...]) -> None:
+    """Exit 0 if URL (default /readyz on $BENTO_LIKE_PORT) answers 2xx: an exec probe.
+
+    In an image, `python -m bento_like probe [URL] [--timeout S]` does the same without loading the CLI."""
+    from ..probe import main as run
+
+    raise SystemExit(run(list(args)))
 
 
 def _add_groups() -> None:

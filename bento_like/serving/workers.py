@@ -65,11 +65,15 @@ def serve(
     working_dir: str | None = None,
     graceful_timeout: float = 30.0,
     options: ServeOptions | None = None,
+    drain_delay: float | None = None,
 ) -> None:
     working_dir = str(Path(working_dir or os.getcwd()).resolve())
     # The runtime's settings are read from the environment here, once, and sent to every worker.
     options = options or ServeOptions()
-    options = dataclasses.replace(options, tuning=options.tuning or Tuning.from_env())
+    tuning = options.tuning or Tuning.from_env()
+    if drain_delay is not None:  # --drain-delay wins over BENTO_LIKE_DRAIN_S
+        tuning = msgspec.structs.replace(tuning, http=msgspec.structs.replace(tuning.http, drain_s=float(drain_delay)))
+    options = dataclasses.replace(options, tuning=tuning)
     _configure_logging(log_level)
     where, not_a_bento = _resolve_bento(target, working_dir)
     try:

@@ -211,3 +211,28 @@ def test_light_import_and_names() -> None:
             "print(sorted(m for m in ('pydantic', 'PIL', 'pandas', 'torch', 'starlette') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _probe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-X", "importtime", "-m", "bento_like", "probe", *args],
+                          capture_output=True, text=True, timeout=30, env={**os.environ, **(env or {})})
+
+
+def test_exec_probe_answers_by_exit_code_with_the_stdlib_only(server: Server) -> None:
+    ready = _probe(server.url + "/readyz")
+    assert ready.returncode == 0 and ready.stdout.strip() == f"{server.url}/readyz: 200"
+    loaded = {line.rsplit("|", 1)[-1].strip() for line in ready.stderr.splitlines() if "|" in line}
+    assert not loaded & {"click", "httpx", "msgspec", "starlette", "numpy"}, loaded  # fast enough for every period
+    port = server.url.rsplit(":", 1)[1]
+    assert _probe("/livez", env={"BENTO_LIKE_PORT": port}).returncode == 0
+    flag = server.tmp / "not-ready"
+    flag.write_text("x")
+    try:
+        not_ready = _probe(server.url + "/readyz", "--timeout", "10")
+    finally:
+        flag.unlink()
+    assert not_ready.returncode == 1 and "503" in not_ready.stderr and "__is_ready__" in not_ready.stderr
+    gone = _probe("http://127.0.0.1:1/readyz")
+    assert gone.returncode == 1 and "unreachable" in gone.stderr
+    for bad in (["ftp://x"], ["--timeout", "0"], ["a", "b"]):
+        assert _probe(*bad).returncode == 2, bad

@@ -71,10 +71,14 @@ def _stop_under_load(server, watch_readiness: bool) -> tuple[list[str], list[tup
     return outcomes, ready
 
 
-@pytest.mark.parametrize("args", [[], ["--workers", "2"]], ids=["one-process", "two-workers"])
-def test_sigterm_under_load_loses_no_accepted_request(start_server, args: list[str]) -> None:
-    """With a drain delay (a load balancer's time to notice /readyz): served on, then closed with no reset."""
-    env = {"BENTO_LIKE_DRAIN_S": "2"}
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [([], {"BENTO_LIKE_DRAIN_S": "2"}), (["--workers", "2", "--drain-delay", "2"], {"BENTO_LIKE_DRAIN_S": "0"})],
+    ids=["one-process-env", "two-workers-flag"],
+)
+def test_sigterm_under_load_loses_no_accepted_request(start_server, args: list[str], env: dict[str, str]) -> None:
+    """With a drain delay (a load balancer's time to notice /readyz): served on, then closed with no reset. The
+    delay comes from BENTO_LIKE_DRAIN_S or from --drain-delay, which wins over it."""
     server = start_server("limits.py:Limited", cwd=SERVICES, args=[*args, "--max-concurrency", "1000"], env=env)
     _, ready = _stop_under_load(server, watch_readiness=True)
     # readiness turned 503 at once (a first answer may come before the signal is handled) and stayed so while
