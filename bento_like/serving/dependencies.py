@@ -338,6 +338,12 @@ class DependencyProcesses:
                 self._start(child)
             return
         if child.proc.is_alive():
+            limit = self._options.tuning.dependency_start_s
+            if not child.ready and now - child.started_at > limit:
+                self._fail(f"dependency {child.spec.name!r} was not ready {limit:g} s after it started "
+                           f"(BENTO_LIKE_DEPENDENCY_START_S){_last_line(child.address.log)}; its log: "
+                           f"{child.address.log}")
+                return
             if not child.ready:
                 try:
                     response = http.get(child.address.url + "/readyz")
@@ -386,8 +392,11 @@ class DependencyProcesses:
             if proc.is_alive():
                 os.kill(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + self.graceful_timeout + 5
+        # one that never turned ready serves nobody: it gets a short grace, not the drain of a serving one
+        starting = {c.proc.pid for c in self.children if c.proc is not None and not c.ready}
         for proc in procs:
-            proc.join(max(0.1, deadline - time.monotonic()))
+            limit = min(deadline, time.monotonic() + STARTING_GRACE_S) if proc.pid in starting else deadline
+            proc.join(max(0.1, limit - time.monotonic()))
             if proc.is_alive():
                 log.warning("dependency pid %s did not stop in time; killing it", proc.pid)
                 proc.kill()
@@ -396,6 +405,9 @@ class DependencyProcesses:
             child.sock.close()
         if self.log_dir is not None and self.failure is None:
             shutil.rmtree(self.log_dir, ignore_errors=True)  # kept when a dependency failed: its log says why
+
+
+STARTING_GRACE_S = 3.0
 
 
 def _last_line(path: str) -> str:

@@ -174,12 +174,15 @@ class Tuning(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     watchdog_interval_s: float = 0.05
     """How often deadlines and disconnects are checked (they are honoured to within it) and the event loop's
     lag sampled."""
+    dependency_start_s: float = 600.0
+    """``BENTO_LIKE_DEPENDENCY_START_S``: how long a separately-run dependency may take to turn ready (its models
+    loaded, its warm-up run) before ``pkg serve`` gives up on it, naming it and its log."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.batch_priority <= 39:
             raise ValueError(f"batch_priority must be between 0 and 39 nice steps, got {self.batch_priority}")
         _at_least(self, 0.0, "switch_interval_ms")
-        _positive(self, "watchdog_interval_s")
+        _positive(self, "watchdog_interval_s", "dependency_start_s")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Tuning:
@@ -230,6 +233,7 @@ _KNOBS: dict[str, tuple[str, str, Any, str]] = {
     "TASK_RESULT_TTL_S": ("tasks", "result_ttl_s", _finite, "a number of seconds"),
     "TASK_MAX_RESULTS": ("tasks", "max_results", int, "an integer number of tasks"),
     "TASK_TIMEOUT_S": ("tasks", "timeout_s", _finite, "a number of seconds"),
+    "DEPENDENCY_START_S": ("top", "dependency_start_s", _finite, "a number of seconds"),
 }
 
 

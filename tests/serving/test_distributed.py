@@ -162,6 +162,19 @@ def test_a_dependency_that_fails_to_start_fails_the_callers_startup(start_server
     assert "no weights found" in Path(match.group(1)).read_text()
 
 
+def test_a_dependency_that_never_turns_ready_fails_after_its_start_limit(start_server) -> None:
+    started = time.monotonic()
+    server = start_server("distributed.py:SluggishCaller", cwd=SERVICES, ready=False,
+                          env={"BENTO_LIKE_DEPENDENCY_START_S": "3"})
+    assert server.proc.wait(60) == 1
+    assert time.monotonic() - started < 20  # not the 120 s its __init__ would take, nor a 30 s drain
+    log = server.log()
+    match = re.search(r"Error: dependency 'sluggish' was not ready 3 s after it started \(BENTO_LIKE_DEPENDENCY_START_S\)"
+                      r".*; its log: (\S+\.log)", log)
+    assert match, log
+    assert "never finishes loading" in Path(match.group(1)).read_text()
+
+
 def test_depends_url_calls_a_server_that_runs_already(start_server) -> None:
     tokenizer = start_server("distributed.py:Tokenizer", cwd=SERVICES)
     server = start_server("distributed.py:UrlCaller", cwd=SERVICES, env={"TOKENIZER_URL": tokenizer.url})

@@ -143,6 +143,26 @@ class BrokenCaller:
         return self.broken.ping()
 
 
+@bl.service(name="sluggish", resources={"cpu": 1})
+class Sluggish:
+    def __init__(self) -> None:
+        print("loading a model that never finishes loading", flush=True)
+        time.sleep(120)
+
+    @bl.api
+    def ping(self) -> str:
+        return "pong"
+
+
+@bl.service(name="sluggish-caller")
+class SluggishCaller:
+    sluggish = bl.depends(Sluggish)
+
+    @bl.api
+    def ping(self) -> str:
+        return self.sluggish.ping()
+
+
 @bl.service(name="url-caller")
 class UrlCaller:
     """Calls a tokenizer that someone else runs, at TOKENIZER_URL."""
