@@ -36,9 +36,15 @@ def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
-def test_docs_renders_every_api_of_the_openapi_document(start_server, tmp_path: Path) -> None:
+# Every kind of input, then the documents of the later features: Pydantic schemas, a GET API's query parameters
+# and plain-text streams (parity), the routes of tasks, and images, DataFrames, tensors and paths.
+TARGETS = ["every_input.py:EveryInput", "parity.py:Parity", "tasks.py:Tasks", "io_types.py:IOTypes"]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_docs_renders_every_api_of_the_openapi_document(start_server, tmp_path: Path, target: str) -> None:
     assert CHROMIUM is not None, "CI must install chromium (.ci/run)"
-    server = start_server("every_input.py:EveryInput", cwd=SERVICES)
+    server = start_server(target, cwd=SERVICES)
     document = httpx.get(server.url + "/openapi.json", timeout=10).json()
     assert document["openapi"].startswith("3.1")
     routes = {path: next(iter(ops)).upper() for path, ops in document["paths"].items()}
@@ -56,7 +62,7 @@ def test_docs_renders_every_api_of_the_openapi_document(start_server, tmp_path: 
     assert document["info"]["title"] in dom
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    shot = ARTIFACTS / "docs-page.png"
+    shot = ARTIFACTS / f"docs-page-{target.split('.')[0]}.png"
     shot.unlink(missing_ok=True)
     result = _chromium(tmp_path, f"--screenshot={shot}", server.url + "/docs")
     assert result.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", result.stderr[-2000:]
