@@ -35,6 +35,7 @@ from .._client_core import APIClientError, APIConnectionError, APIError, APIServ
 from .._remote import RemoteService
 from ..sdk.service import Dependency, ServiceSpec, get_spec, separate_services, service_key
 from .errors import HTTPError
+from .tuning import knob
 
 log = logging.getLogger("bento_like.serving")
 
@@ -340,9 +341,8 @@ class DependencyProcesses:
         if child.proc.is_alive():
             limit = self._options.tuning.dependency_start_s
             if not child.ready and now - child.started_at > limit:
-                self._fail(f"dependency {child.spec.name!r} was not ready {limit:g} s after it started "
-                           f"(BENTO_LIKE_DEPENDENCY_START_S){_last_line(child.address.log)}; its log: "
-                           f"{child.address.log}")
+                self._fail(f"dependency {child.spec.name!r} was not ready {limit:g} s after it started (its start "
+                           f"limit: {START_LIMIT_SETTING}){_last_line(child.address.log)}; its log: {child.address.log}")
                 return
             if not child.ready:
                 try:
@@ -408,6 +408,7 @@ class DependencyProcesses:
 
 
 STARTING_GRACE_S = 3.0
+START_LIMIT_SETTING = knob("dependency_start_s")
 
 
 def _last_line(path: str) -> str:

@@ -237,6 +237,11 @@ _KNOBS: dict[str, tuple[str, str, Any, str]] = {
 }
 
 
+def knob(field: str) -> str:
+    """The environment variable that sets ``field`` (for messages that tell how to change it)."""
+    return next(ENV_PREFIX + name for name, (_, f, _, _) in _KNOBS.items() if f == field)
+
+
 def hand_to_reloaded(settings: bytes) -> None:
     """Leave ``settings`` for the process the reloader starts (it inherits the environment)."""
     os.environ[RELOAD_ENV] = settings.decode()

@@ -59,7 +59,8 @@ def caller(tmp_path_factory: pytest.TempPathFactory):
     from live_server import Server
 
     tmp = tmp_path_factory.mktemp("distributed")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "EMBEDDER_INIT_DELAY": "1.5"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "EMBEDDER_INIT_DELAY": "1.5",
+           "TOKENIZER_STARTED": str(tmp / "tokenizer-started")}
     server = Server("distributed.py:Caller", SERVICES, [], env, tmp / "server.log")
     server.waiting = []
     deadline = time.monotonic() + 60
@@ -134,7 +135,7 @@ def test_a_dependency_that_dies_is_reported_by_readyz_and_restarted(caller) -> N
         if ready.status_code == 503:
             seen.append(ready.json()["error"])
         time.sleep(0.05)
-    assert any("dependency 'tokenizer' is not ready" in e and "tokenizer.log" in e for e in seen), seen
+    assert any("dependency 'tokenizer' is not ready" in e and "tokenizer.log" in e for e in seen), (seen, caller.log())
     caller.wait_ready(30)
     assert _post(caller, "/pids").json()["tokenizer"] != tokenizer
     assert "dependency tokenizer" in caller.log() and "restarting it" in caller.log()
@@ -169,7 +170,8 @@ def test_a_dependency_that_never_turns_ready_fails_after_its_start_limit(start_s
     assert server.proc.wait(60) == 1
     assert time.monotonic() - started < 20  # not the 120 s its __init__ would take, nor a 30 s drain
     log = server.log()
-    match = re.search(r"Error: dependency 'sluggish' was not ready 3 s after it started \(BENTO_LIKE_DEPENDENCY_START_S\)"
+    match = re.search(r"Error: dependency 'sluggish' was not ready 3 s after it started \(its start limit: "
+                      r"BENTO_LIKE_DEPENDENCY_START_S\)"
                       r".*; its log: (\S+\.log)", log)
     assert match, log
     assert "never finishes loading" in Path(match.group(1)).read_text()

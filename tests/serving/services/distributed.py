@@ -15,6 +15,15 @@ from bento_like.client import APIServerError
 class Tokenizer:
     """Runs on its own (it declares resources), with one worker; both Caller and Embedder depend on it."""
 
+    def __init__(self) -> None:
+        # A restart (TOKENIZER_STARTED names a file the first start leaves) takes 3 s, as a model load would: a
+        # window that a caller checking once a second cannot miss.
+        marker = os.environ.get("TOKENIZER_STARTED")
+        if marker:
+            if os.path.exists(marker):
+                time.sleep(3)
+            open(marker, "w").close()
+
     @bl.api
     def pid(self) -> int:
         return os.getpid()
