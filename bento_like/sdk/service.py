@@ -61,6 +61,7 @@ class ServiceSpec:
     shutdown_hooks: tuple[str, ...] = ()
     dependencies: dict[str, "Dependency"] = field(default_factory=dict)
     deployment_hooks: tuple[str, ...] = ()
+    ready_hooks: tuple[str, ...] = ()
     asgi_apps: tuple["MountedApp", ...] = ()
 
     def api(self, name: str) -> APIEntry:
@@ -283,6 +284,14 @@ def on_startup(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
+def on_ready(func: Callable[..., Any]) -> Callable[..., Any]:
+    """A readiness check of this service's own (a remote model reachable, a cache warm), sync or async, asked on
+    every ``/readyz`` of every instance: until each returns a true value, ``/readyz`` answers 503 with what it
+    returned or raised. It must answer fast (5 s at most): an orchestrator probes every few seconds."""
+    setattr(func, HOOK_ATTR, "ready")
+    return func
+
+
 def on_shutdown(func: Callable[..., Any]) -> Callable[..., Any]:
     """Run this method (sync or async) once per instance when the server stops, after in-flight requests end."""
     setattr(func, HOOK_ATTR, "shutdown")
@@ -320,6 +329,7 @@ def service(
             shutdown_hooks=_collect_hooks(c, "shutdown"),
             dependencies={k: v for k, v in _members(c) if isinstance(v, Dependency)},
             deployment_hooks=_collect_hooks(c, "deployment"),
+            ready_hooks=_ready_hooks(c),
             asgi_apps=tuple(c.__dict__.get(_MOUNTS_ATTR, ())),
         )
         _check_mounts(svc_name, spec.apis, spec.asgi_apps)
@@ -393,6 +403,14 @@ TASK_ROUTES = ("submit", "status", "get", "cancel", "retry")
 """What a task's route is followed by for its task routes (docs/tasks.md)."""
 
 RESERVED_ROUTES = {"/", "/livez", "/readyz", "/metrics", "/openapi.json", "/docs", "/v2"}
+
+
+def _ready_hooks(c: type) -> tuple[str, ...]:
+    """The ``@on_ready`` methods, and ``__is_ready__`` (BentoML's name for the same check)."""
+    hooks = _collect_hooks(c, "ready")
+    if callable(getattr(c, "__is_ready__", None)) and "__is_ready__" not in hooks:
+        hooks += ("__is_ready__",)
+    return hooks
 
 
 def _collect_hooks(c: type, kind: str) -> tuple[str, ...]:

@@ -84,10 +84,10 @@ class ServerState:
         self.load = ServerLoad()
         self.endpoints: list[APIEndpoint] = []
         self.ready = False
+        self.stopping = False  # set on SIGTERM: /readyz and bento_like_ready say not ready from then on
         self.failure: str | None = None
         self.api_names = {entry.attr: entry.config.name for entry in spec.apis}
         self.warmups: dict[str, WarmupPlan] = {}  # by API name: the warm-ups the APIs asked for
-        self._is_ready_hook = getattr(spec.cls, "__is_ready__", None)
 
     async def start(self) -> None:
         failure = await self.dependencies.wait_until_ready()
@@ -182,25 +182,57 @@ class ServerState:
             if self.ready:
                 self._publish(0 if was_blocked else 1)
 
+    async def readiness(self, hooks: bool = True) -> tuple[dict[str, Any], int] | None:
+        """None when /readyz should answer 200, else its body and status; sets the ``bento_like_ready`` gauge.
+        Without ``hooks`` the service's own readiness checks are not asked (a periodic refresh of the gauge)."""
+        problem = await self._readiness(hooks)
+        self.metrics.ready.set((), 0 if problem else 1)
+        return problem
+
+    async def _readiness(self, hooks: bool) -> tuple[dict[str, Any], int] | None:
+        if self.stopping:
+            return {"ready": False, "state": "stopping", "error": "the server is shutting down"}, 503
+        if self.ready:
+            blocked = self.blocked() or (await self.not_ready_by_hook() if hooks else None)
+            if blocked is not None:
+                return {"ready": False, "state": "blocked", "error": blocked}, 503
+            dependency = self.dependencies.problem()
+            if dependency is not None:
+                return {"ready": False, "state": "degraded", "error": dependency}, 503
+            missing = self.missing_workers()
+            if not missing:
+                return None
+            return {
+                "ready": False,
+                "state": "degraded",
+                "error": f"worker(s) {', '.join(map(str, missing))} not ready (starting, restarting, or "
+                "all request threads held by abandoned calls: see that worker's log)",
+            }, 503
+        if self.failure:
+            return {"ready": False, "state": "failed", "error": f"startup failed: {self.failure}"}, 503
+        return {"ready": False, "state": "starting",
+                "error": self.dependencies.waiting_message() or "instances are being built"}, 503
+
     async def not_ready_by_hook(self) -> str | None:
-        """Why the service's own ``__is_ready__`` says it is not ready (on any instance), or None."""
-        if self._is_ready_hook is None:
-            return None
-        for inst in self.pool.instances:
-            hook = getattr(inst.obj, "__is_ready__")
-            try:
-                if inspect.iscoroutinefunction(hook):
-                    ready = await asyncio.wait_for(hook(), IS_READY_TIMEOUT_S)
-                else:  # it may block (a probe of a remote model): never on the event loop
-                    ready = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, hook),
-                                                   IS_READY_TIMEOUT_S)
-            except asyncio.TimeoutError:
-                return f"__is_ready__ of instance {inst.index} did not answer within {IS_READY_TIMEOUT_S:g} s"
-            except Exception as exc:
-                log.warning("__is_ready__ of instance %d raised", inst.index, exc_info=True)
-                return f"__is_ready__ of instance {inst.index} raised {type(exc).__name__}: {exc}"
-            if not ready:
-                return f"__is_ready__ of instance {inst.index} returned {ready!r}"
+        """Why one of the service's own readiness checks (``@on_ready`` methods, ``__is_ready__``) says it is not
+        ready on some instance, or None."""
+        for attr in self.spec.ready_hooks:
+            for inst in self.pool.instances:
+                hook = getattr(inst.obj, attr)
+                what = f"{attr} of instance {inst.index}"
+                try:
+                    if inspect.iscoroutinefunction(hook):
+                        ready = await asyncio.wait_for(hook(), IS_READY_TIMEOUT_S)
+                    else:  # it may block (a probe of a remote model): never on the event loop
+                        ready = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, hook),
+                                                       IS_READY_TIMEOUT_S)
+                except asyncio.TimeoutError:
+                    return f"{what} did not answer within {IS_READY_TIMEOUT_S:g} s"
+                except Exception as exc:
+                    log.warning("%s raised", what, exc_info=True)
+                    return f"{what} raised {type(exc).__name__}: {exc}"
+                if not ready:
+                    return f"{what} returned {ready!r}"
         return None
 
     def stop_batchers(self) -> None:
@@ -275,42 +307,18 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_st
         return PlainTextResponse("ok")
 
     async def readyz(request: Request) -> Response:
-        if state.ready:
-            blocked = state.blocked() or await state.not_ready_by_hook()
-            if blocked is not None:
-                body = {"ready": False, "state": "blocked", "error": blocked}
-                return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
-            dependency = state.dependencies.problem()
-            if dependency is not None:
-                body = {"ready": False, "state": "degraded", "error": dependency}
-                return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
-            missing = state.missing_workers()
-            if not missing:
-                return PlainTextResponse("ready")
-            return JSONResponse(
-                {
-                    "ready": False,
-                    "state": "degraded",
-                    "error": f"worker(s) {', '.join(map(str, missing))} not ready (starting, restarting, or "
-                    "all request threads held by abandoned calls: see that worker's log)",
-                },
-                status_code=503,
-                headers={"Retry-After": "1"},
-            )
-        if state.failure:
-            return JSONResponse(
-                {"ready": False, "state": "failed", "error": f"startup failed: {state.failure}"}, status_code=503
-            )
-        return JSONResponse(
-            {"ready": False, "state": "starting",
-             "error": state.dependencies.waiting_message() or "instances are being built"},
-            status_code=503,
-            headers={"Retry-After": "1"},
-        )
+        problem = await state.readiness()
+        if problem is None:
+            return PlainTextResponse("ready")
+        body, status = problem
+        # a failed start will not get better by asking again soon: no Retry-After
+        headers = None if body["state"] == "failed" else {"Retry-After": "1"}
+        return JSONResponse(body, status_code=status, headers=headers)
 
     metrics_dir = options.metrics_dir if options.worker_id is not None else None
 
     async def metrics(request: Request) -> Response:
+        await state.readiness()  # the bento_like_ready gauge, as of this scrape
         others = published(Path(metrics_dir), options.worker_id) if metrics_dir else ()
         return PlainTextResponse(state.metrics.render(others), media_type="text/plain; version=0.0.4")
 
@@ -318,6 +326,7 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_st
         assert metrics_dir is not None and options.worker_id is not None
         while True:
             try:
+                await state.readiness(hooks=False)
                 publish(state.metrics, Path(metrics_dir), options.worker_id)
             except OSError as exc:  # the directory went away (the supervisor is exiting)
                 log.debug("could not publish metrics: %s", exc)

@@ -118,6 +118,9 @@ class Registry:
             )
         )
         self.in_flight = self.add(Gauge("bento_like_requests_in_flight", "Requests being handled now, by API", ("api",)))
+        self.ready = self.add(
+            Gauge("bento_like_ready", "1 while /readyz answers 200; 0 while starting, blocked, degraded or stopping")
+        )
         self.rejections = self.add(
             Counter(
                 "bento_like_rejections_total",

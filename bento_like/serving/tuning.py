@@ -24,6 +24,12 @@ STATE_DIR_ENV = ENV_PREFIX + "STATE_DIR"
 """How ``pkg serve --reload`` hands its settings to the process uvicorn's reloader starts."""
 
 
+KUBERNETES_ENV = "KUBERNETES_SERVICE_HOST"
+KUBERNETES_DRAIN_S = 5.0
+"""The drain delay in a Kubernetes pod unless set: kube-proxy and ingress controllers take a few seconds to see
+that a terminating pod left the Service's endpoints, and route requests to it meanwhile."""
+
+
 class SettingsError(ValueError):
     """A runtime setting (an environment knob) has a value it cannot take; the message names it."""
 
@@ -126,7 +132,8 @@ class HTTPTuning(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     one that has no request running (idle, or still sending its request); with none such, it gets 503."""
     drain_s: float = 0.0
     """``BENTO_LIKE_DRAIN_S``: on SIGTERM, /readyz answers 503 at once and requests are still served this
-    long (for a load balancer to stop sending any) before the port closes."""
+    long (for a load balancer to stop sending any) before the port closes. Unset, it is ``KUBERNETES_DRAIN_S``
+    in a Kubernetes pod (where endpoints take seconds to drop a terminating pod) and 0 elsewhere."""
 
     def __post_init__(self) -> None:
         positive = ("header_timeout_s", "body_timeout_s", "keep_alive_s", "body_buffer_mib")
@@ -190,6 +197,8 @@ class Tuning(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         value raises ValueError naming the variable and what it takes."""
         env = os.environ if environ is None else environ
         parts: dict[str, dict[str, Any]] = {"placement": {}, "http": {}, "tasks": {}, "top": {}}
+        if env.get(KUBERNETES_ENV):  # every pod has it; the explicit knob below still wins
+            parts["http"]["drain_s"] = KUBERNETES_DRAIN_S
         for name, (target, field, parse, what) in _KNOBS.items():
             raw = env.get(ENV_PREFIX + name)
             if raw is None or raw.strip() == "":

@@ -300,9 +300,8 @@ def v2_routes(state: ServerState, endpoints: list[APIEndpoint]) -> list[Route]:
     """The protocol's routes for a server's tensor-shaped APIs; the others are simply not models."""
     models = {ep.name: model for ep in endpoints if (model := model_of(ep)) is not None}
 
-    def ready() -> bool:
-        # The same truth as /readyz: instances built, no instance held by abandoned calls, every worker up.
-        return bool(state.ready) and state.blocked() is None and not state.missing_workers()
+    async def ready() -> bool:
+        return await state.readiness() is None  # the same truth as /readyz
 
     async def server_metadata(request: Request) -> Response:
         return JSONResponse({"name": state.spec.name, "version": __version__, "extensions": ["binary_tensor_data"]})
@@ -311,14 +310,14 @@ def v2_routes(state: ServerState, endpoints: list[APIEndpoint]) -> list[Route]:
         return Response(status_code=503 if state.failure else 200)
 
     async def server_ready(request: Request) -> Response:
-        return Response(status_code=200 if ready() else 503)
+        return Response(status_code=200 if await ready() else 503)
 
     async def model_metadata(request: Request) -> Response:
         return JSONResponse(_find(models, request.path_params).metadata())
 
     async def model_ready(request: Request) -> Response:
         _find(models, request.path_params)
-        return Response(status_code=200 if ready() else 503)
+        return Response(status_code=200 if await ready() else 503)
 
     infer = _Infer(models)
     return [

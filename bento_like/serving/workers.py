@@ -402,6 +402,7 @@ def _server(app: Any, server_args: dict[str, Any]) -> Any:
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             protocol.registry.stopping = True  # /readyz answers 503 from the next request on
+            state.stopping = True
             super().handle_exit(sig, frame)
 
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:

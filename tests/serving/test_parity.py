@@ -133,16 +133,26 @@ def test_str_generators_stream_plain_text_and_others_events(http: httpx.Client) 
         assert r.headers["content-type"].startswith("text/event-stream")
 
 
-def test_is_ready_hook_and_deployment_hook(server: Server, http: httpx.Client) -> None:
-    assert http.get("/readyz").status_code == 200
-    flag = server.tmp / "not-ready"
-    flag.write_text("x")
-    try:
-        r = http.get("/readyz")
-        assert r.status_code == 503 and "__is_ready__" in r.json()["error"]
-    finally:
-        flag.unlink()
-    assert http.get("/readyz").status_code == 200
+def _ready_gauge(http: httpx.Client) -> str:
+    return next(line for line in http.get("/metrics").text.splitlines() if line.startswith("bento_like_ready "))
+
+
+def test_readiness_hooks_and_deployment_hook(server: Server, http: httpx.Client) -> None:
+    """``__is_ready__`` and an ``@on_ready`` method each hold /readyz, the v2 readiness and the bento_like_ready
+    gauge at "not ready" while they say so."""
+    assert http.get("/readyz").status_code == 200 and _ready_gauge(http) == "bento_like_ready 1"
+    for flag, named in ((server.tmp / "not-ready", "__is_ready__ of instance 0 returned False"),
+                        (server.tmp / "cache-cold", "cache_is_warm of instance 0 raised RuntimeError: the cache is cold")):
+        flag.write_text("x")
+        try:
+            r = http.get("/readyz")
+            assert r.status_code == 503 and r.json()["error"] == named, r.text
+            assert http.get("/v2/health/ready").status_code == 503
+            assert _ready_gauge(http) == "bento_like_ready 0"
+        finally:
+            flag.unlink()
+        assert http.get("/readyz").status_code == 200 and _ready_gauge(http) == "bento_like_ready 1"
+    assert http.get("/v2/health/ready").status_code == 200
     log = (server.tmp / "deploy.log").read_text().splitlines()
     assert len(log) == 1 and log[0] == f"deployed by {server.proc.pid}"  # once, in the server's main process
 

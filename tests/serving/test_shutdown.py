@@ -30,22 +30,25 @@ def _request(port: int, method: str, path: str, body: bytes = b"") -> int:
         conn.close()
 
 
-def _load(port: int, outcomes: list[str]) -> None:
+def _load(port: int, outcomes: list[str], refused_at: list[float]) -> None:
     """One client, a new connection per request (the case a kept-open listener resets), until the port closes."""
     while True:
         try:
             outcomes.append(str(_request(port, "POST", "/wait", b'{"seconds": 0.05}')))
         except ConnectionRefusedError:
             outcomes.append("refused")
+            refused_at.append(time.monotonic())
             return  # the listener is closed: this client would go to another replica now
         except (OSError, http.client.HTTPException) as exc:
             outcomes.append(f"lost: {type(exc).__name__}: {exc}")
 
 
-def _stop_under_load(server, watch_readiness: bool) -> tuple[list[str], list[tuple[int, float]]]:
-    """SIGTERM once every client has had an answer; each request's outcome, and /readyz's answers after it."""
+def _stop_under_load(server, watch_readiness: bool, drain_s: float = 0.0) -> tuple[list[str], list[tuple[int, float]]]:
+    """SIGTERM once every client has had an answer; each request's outcome, and /readyz's answers after it.
+    No connection is refused before ``drain_s`` has passed since the signal."""
     per_client: list[list[str]] = [[] for _ in range(CLIENTS)]
-    threads = [threading.Thread(target=_load, args=(server.port, out), daemon=True) for out in per_client]
+    refused_at: list[float] = []
+    threads = [threading.Thread(target=_load, args=(server.port, out, refused_at), daemon=True) for out in per_client]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 20
@@ -67,6 +70,8 @@ def _stop_under_load(server, watch_readiness: bool) -> tuple[list[str], list[tup
     outcomes = [o for out in per_client for o in out]
     lost = [o for o in outcomes if o not in ("200", "refused")]
     assert not lost, f"{len(lost)} of {len(outcomes)} requests lost: {lost[:5]}"
+    early = [round(t - signalled, 2) for t in refused_at if t - signalled < drain_s]
+    assert not early, f"connections refused {early} s after SIGTERM, inside the {drain_s} s drain delay"
     print(f"{outcomes.count('200')} answered, {outcomes.count('refused')} refused, 0 lost")
     return outcomes, ready
 
@@ -80,7 +85,7 @@ def test_sigterm_under_load_loses_no_accepted_request(start_server, args: list[s
     """With a drain delay (a load balancer's time to notice /readyz): served on, then closed with no reset. The
     delay comes from BENTO_LIKE_DRAIN_S or from --drain-delay, which wins over it."""
     server = start_server("limits.py:Limited", cwd=SERVICES, args=[*args, "--max-concurrency", "1000"], env=env)
-    _, ready = _stop_under_load(server, watch_readiness=True)
+    outcomes, ready = _stop_under_load(server, watch_readiness=True, drain_s=2.0)
     # readiness turned 503 at once (a first answer may come before the signal is handled) and stayed so while
     # the server went on serving
     first = next((i for i, (status, _) in enumerate(ready) if status == 503), None)
@@ -108,3 +113,13 @@ def test_a_port_in_use_is_one_error_line_and_exit_1(tmp_path: Path) -> None:
             assert r.returncode == 1, r.stderr
             errors = [line for line in r.stderr.splitlines() if "Error" in line or "Traceback" in line]
             assert errors == [f"Error: cannot listen on 127.0.0.1:{port}: the address is already in use"], r.stderr
+
+
+def test_the_drain_delay_defaults_to_5_s_in_a_kubernetes_pod_and_the_knob_wins() -> None:
+    from bento_like.serving.tuning import Tuning
+
+    assert Tuning.from_env({}).http.drain_s == 0.0  # locally: Ctrl-C stops at once
+    in_pod = {"KUBERNETES_SERVICE_HOST": "10.96.0.1"}
+    assert Tuning.from_env(in_pod).http.drain_s == 5.0
+    assert Tuning.from_env({**in_pod, "BENTO_LIKE_DRAIN_S": "0"}).http.drain_s == 0.0
+    assert Tuning.from_env({**in_pod, "BENTO_LIKE_DRAIN_S": "12"}).http.drain_s == 12.0

@@ -56,6 +56,12 @@ class Parity:
     def __is_ready__(self) -> bool:
         return not (READY_FILE and Path(READY_FILE).exists())
 
+    @bl.on_ready
+    async def cache_is_warm(self) -> bool:
+        if READY_FILE and Path(READY_FILE).with_name("cache-cold").exists():
+            raise RuntimeError("the cache is cold")
+        return True
+
     @bl.api
     def echo_context(self, text: str, ctx: bl.Context) -> dict:
         """Echo what the request carried, and answer with a status, a header and a cookie of our own."""
