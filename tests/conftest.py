@@ -18,6 +18,10 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
 if "kernels" in sys.modules and getattr(sys.modules["kernels"], "__file__", "").startswith(str(REPO)):
     del sys.modules["kernels"]
 
+# A CI runner may itself be a Kubernetes pod; the servers the tests start must stop as they do on a laptop
+# (no 5 s drain delay), unless a test asks for one.
+os.environ.pop("KUBERNETES_SERVICE_HOST", None)
+
 import pytest  # noqa: E402
 
 from live_server import Server  # noqa: E402
