@@ -113,6 +113,8 @@ class BentoManifest(msgspec.Struct, frozen=True, kw_only=True):
     base_image: str | None = None
     files: tuple[FileEntry, ...] = ()
     reports: dict[str, Any] = {}
+    deploy: dict[str, Any] = {}
+    """The build config's ``deploy:`` section, as checked at build time: what ``pkg deploy render`` starts from."""
     build: BuildInfo
 
     @property

@@ -46,6 +46,7 @@ from ..models._store import STAGING_DIR
 from ..sdk.loader import load_service
 from ..sdk.service import separate_services
 from ._sources import SecretsError, copy_sources, select_sources
+from .deploy.config import DeployConfig, as_manifest_section
 from .lock import PLATFORMS, resolve, runtime_requirements
 
 if sys.version_info >= (3, 11):
@@ -85,6 +86,7 @@ class BuildConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     labels: dict[str, str] = {}
     base_image: str | None = None
     models: list[ModelConfig] = []
+    deploy: DeployConfig = DeployConfig()
 
 
 def load_build_config(context: Path, file: Path | None = None) -> BuildConfig:
@@ -132,7 +134,7 @@ def _config_problem(text: str) -> str:
             parent = key.split(".")[0].split("[")[0]
             key = f"{key}.{field}" if key else field
             if prefix.endswith("unknown field"):
-                known = {"": BuildConfig, "python": PythonConfig, "models": ModelConfig}.get(parent)
+                known = {"": BuildConfig, "python": PythonConfig, "models": ModelConfig, "deploy": DeployConfig}.get(parent)
                 message = "unknown key" + (f"; the keys are {', '.join(known.__struct_fields__)}" if known else "")
             else:
                 message = "required, missing"
@@ -256,6 +258,7 @@ def build_bento(
             platform=cfg.python.platform,
             base_image=cfg.base_image,
             files=entries,
+            deploy=as_manifest_section(cfg.deploy),
             build=BuildInfo(bento_like_version=__version__, python_version=sys.version.split()[0], created_at=""),
         )
         version = _content_version(draft)
@@ -291,8 +294,9 @@ def _content_version(draft: BentoManifest) -> str:
     data = msgspec.to_builtins(draft)
     data.pop("version")
     data.pop("build")
-    if not data["dependencies"]:  # absent before bentos recorded them: their versions stay what they were
-        data.pop("dependencies")
+    for key in ("dependencies", "deploy"):  # absent before bentos recorded them: their versions stay the same
+        if not data[key]:
+            data.pop(key)
     data["bento_like_version"] = draft.build.bento_like_version
     return hashlib.sha256(msgspec.json.encode(data, order="sorted")).hexdigest()[:16]
 

@@ -557,6 +557,31 @@ def push_image(layout: Path | Layout, reference: str | Reference, *, source_tag:
                            progress=progress)
 
 
+@dataclass(frozen=True)
+class RemoteImage:
+    """What a registry says of a reference: the manifest's digest, media type and annotations."""
+
+    reference: Reference
+    digest: str
+    media_type: str
+    annotations: dict[str, str]
+
+
+def inspect_image(reference: str | Reference, *, credentials: Credentials | None = None, insecure: bool = False,
+                  **options: Any) -> RemoteImage:
+    """The manifest `reference` names in its registry (RegistryError when there is none)."""
+    ref = reference if isinstance(reference, Reference) else Reference.parse(reference)
+    credentials = credentials or load_credentials(ref.registry)
+    with RegistryClient(ref.registry, credentials=credentials, insecure=insecure, **options) as client:
+        media_type, data = client._get_manifest(ref.repository, ref.reference, (f"repository:{ref.repository}:pull",))
+    try:
+        annotations = json.loads(data).get("annotations") or {}
+    except ValueError:
+        raise RegistryError(f"{ref}: the registry answered a manifest that is not JSON") from None
+    return RemoteImage(ref, "sha256:" + hashlib.sha256(data).hexdigest(), media_type,
+                       {str(k): str(v) for k, v in annotations.items()} if isinstance(annotations, dict) else {})
+
+
 def pull_image(reference: str | Reference, layout: Path | Layout, *, tag: str | None = None,
                platform: str = "linux/amd64", credentials: Credentials | None = None, insecure: bool = False,
                progress: ProgressCallback | None = None, **options: Any) -> PullReport:

@@ -101,7 +101,7 @@ def probe(args: tuple[str, ...]) -> None:
 
 
 def _add_groups() -> None:
-    from . import bentos, images
+    from . import bentos, deploy, images
     from .cache import cache_group
     from .models import models_group
     from .optimize import optimize_command
@@ -109,7 +109,7 @@ def _add_groups() -> None:
     cli.add_command(models_group, name="models")
     cli.add_command(cache_group, name="cache")
     cli.add_command(optimize_command, name="optimize")
-    for command in bentos.COMMANDS + images.COMMANDS:
+    for command in bentos.COMMANDS + images.COMMANDS + deploy.COMMANDS:
         cli.add_command(command)
 
 
