@@ -18,6 +18,8 @@ Monitoring = Literal["annotations", "servicemonitor"]
 Probe = Literal["http", "exec"]
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+# a Service's name starts with a letter; 50 leaves room for KServe's "-predictor" and pods' generated suffixes
+_OBJECT_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,48}[a-z0-9])?$")
 
 
 class DeployConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=True):
@@ -66,8 +68,9 @@ class DeployConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit
     """KServe only: a modelcar image (``pkg containerize --model-only``) mounted as the models, ``oci://``."""
 
     def __post_init__(self) -> None:
-        if self.name is not None and not _DNS_LABEL.match(self.name):
-            raise ValueError(f"name {self.name!r} must be a DNS label (lowercase letters, digits and '-')")
+        if self.name is not None and not _OBJECT_NAME.match(self.name):
+            raise ValueError(f"name {self.name!r} must be lowercase letters, digits and '-', start with a letter "
+                             "and have at most 50 characters")
         if self.namespace is not None and not _DNS_LABEL.match(self.namespace):
             raise ValueError(f"namespace {self.namespace!r} must be a DNS label")
         if self.replicas < 1 or self.max_replicas < self.replicas:

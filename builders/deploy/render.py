@@ -71,7 +71,11 @@ class Rendered:
 
 
 def object_name(service_name: str) -> str:
-    name = re.sub(r"[^a-z0-9-]+", "-", service_name.lower()).strip("-")[:MAX_NAME].rstrip("-")
+    """The service's name as a DNS-1035 label (a Service's name must start with a letter)."""
+    name = re.sub(r"[^a-z0-9-]+", "-", service_name.lower()).strip("-")
+    if name and not name[0].isalpha():
+        name = "svc-" + name
+    name = name[:MAX_NAME].rstrip("-")
     if not name:
         raise DeployError(f"service name {service_name!r} gives no DNS name: set deploy.name")
     return name
@@ -134,7 +138,8 @@ def render(bento: Bento, image: str, config: DeployConfig, *, digest: str | None
            measured_startup_s: float | None = None, models_env: dict[str, str] | None = None) -> Rendered:
     """The kustomize tree of ``bento`` deployed from ``image`` (REGISTRY/REPO:TAG), as ``config`` says."""
     repo, tag = _split_image(image)
-    plan, startup_source = plan_for(bento, config, f"{repo}:{tag}", measured_startup_s)
+    # the base names the repository only: each version's overlay sets the tag (and digest)
+    plan, startup_source = plan_for(bento, config, repo, measured_startup_s)
     if config.model_image and not bento.info.models:
         raise DeployError(f"bento {bento.info.tag} has no models: a modelcar (model_image) has nothing to carry")
     base = _objects(plan, models_env or {})
