@@ -3,7 +3,6 @@ real Prometheus scraping real `pkg serve` processes reads the load signal the au
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import signal
@@ -249,3 +248,158 @@ def test_promtool_checks_the_rules_and_their_unit_tests_pass(tmp_path: Path) -> 
     tested = _promtool("test", "rules", str(tests_file))
     assert tested.returncode == 0, tested.stdout + tested.stderr
     assert "SUCCESS" in tested.stdout
+
+
+# -- a real Prometheus scraping real servers ---------------------------------------------------------------------
+
+HOLD_S = 8.0  # how long each held request sleeps: under the service's 10 s timeout, over a few scrapes
+
+
+class Prometheus:
+    """A `prometheus` process of this test's own: its config, its storage in a tmp dir, on a loopback port."""
+
+    def __init__(self, directory: Path, config: dict[str, Any]) -> None:
+        config_file = directory / "prometheus.yml"
+        config_file.write_text(yaml.safe_dump(config))
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log_path = directory / "prometheus.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                ["prometheus", f"--config.file={config_file}", f"--storage.tsdb.path={directory / 'data'}",
+                 f"--web.listen-address={self.url.removeprefix('http://')}"],
+                cwd=directory, stdout=log, stderr=subprocess.STDOUT,
+            )
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"prometheus exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
+            try:
+                if httpx.get(self.url + "/-/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"prometheus not ready after {timeout} s:\n{self.log_path.read_text()}")
+
+    def query(self, expr: str) -> dict[str, float]:
+        """An instant query's answer: each series' pod label (or '' when it has none) -> its value."""
+        reply = httpx.get(self.url + "/api/v1/query", params={"query": expr}, timeout=5).json()
+        assert reply["status"] == "success", reply
+        found = {r["metric"].get("pod", ""): float(r["value"][1]) for r in reply["data"]["result"]}
+        assert len(found) == len(reply["data"]["result"]), f"more than one series per pod: {reply['data']}"
+        return found
+
+    def series(self, match: str) -> list[dict[str, str]]:
+        reply = httpx.get(self.url + "/api/v1/series", params={"match[]": match}, timeout=5).json()
+        assert reply["status"] == "success", reply
+        return reply["data"]
+
+    def rules(self) -> list[dict[str, Any]]:
+        reply = httpx.get(self.url + "/api/v1/rules", timeout=5).json()
+        return [rule for group in reply["data"]["groups"] for rule in group["rules"]]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def prometheus(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], Prometheus]]:
+    """Start a ready Prometheus with a config: ``prometheus({...})``; stopped (by its PID) after the test."""
+    started: list[Prometheus] = []
+
+    def start(config: dict[str, Any]) -> Prometheus:
+        directory = tmp_path / f"prometheus-{len(started)}"
+        directory.mkdir()
+        server = Prometheus(directory, config)
+        started.append(server)
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def _eventually(what: str, probe: Callable[[], Any], expected: Any, until: Callable[[], bool]) -> None:
+    """Poll ``probe`` until it returns ``expected``; fail, with the last answer, once ``until()`` is true."""
+    last = None
+    while True:
+        last = probe()
+        if last == expected:
+            return
+        if until():
+            pytest.fail(f"{what}: expected {expected!r}, last read {last!r}")
+        time.sleep(0.2)
+
+
+def test_real_prometheus_reads_the_load_of_held_requests(start_server: Callable[..., Server],
+                                                          prometheus: Callable[..., Prometheus],
+                                                          tmp_path: Path) -> None:
+    """Pod 1 (one worker) holds 3 requests, pod 2 (two workers) 2: the record reads 3 and 2, one series per pod
+    (the worker label summed away), the KEDA query 5 and the Prometheus Adapter's query the same per pod; the
+    canary Deployment, scraped from pod 1's server too, adds nothing. Once the requests end, all read 0."""
+    _needs("prometheus")
+    # Prometheus starts while the servers do: it first scrapes targets about 5 s after it starts
+    one = start_server("limits.py:Limited", cwd=SERVICES, args=["--max-concurrency", "100"], ready=False)
+    two = start_server("limits.py:Limited", cwd=SERVICES, args=["--max-concurrency", "100", "--workers", "2"],
+                       ready=False)
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(yaml.safe_dump(rules("iris", "prod", timeout_s=10, interval="1s")))
+    targets = [(one, POD_1), (two, POD_2), (one, CANARY)]
+    prom = prometheus({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(rules_file)],
+        "scrape_configs": [{
+            "job_name": "bento_like",
+            "static_configs": [
+                # the labels Kubernetes pod discovery (relabelled) or a ServiceMonitor would attach
+                {"targets": [server.url.removeprefix("http://")], "labels": {"namespace": "prod", "pod": pod}}
+                for server, pod in targets
+            ],
+        }],
+    })
+    one.wait_ready()
+    two.wait_ready()
+    keda = keda_query("iris", "prod")
+    adapter = _adapter_query("prod", [POD_1, POD_2])
+    record = f'{LOAD_RECORD}{{namespace="prod"}}'
+    idle = {"keda": {"": 0.0}, "record": {POD_1: 0.0, POD_2: 0.0}, "adapter": {POD_1: 0.0, POD_2: 0.0}}
+    held = {"keda": {"": 5.0}, "record": {POD_1: 3.0, POD_2: 2.0}, "adapter": {POD_1: 3.0, POD_2: 2.0}}
+    queries = {"keda": keda, "record": record, "adapter": adapter}
+
+    started = time.monotonic()
+    for key, expr in queries.items():  # scraped and recorded: every pod's series is there, at 0
+        _eventually(f"{key} before any request", lambda: prom.query(expr), idle[key],
+                    lambda: time.monotonic() > started + 30)
+
+    with ThreadPoolExecutor(5) as pool:
+        calls = [pool.submit(httpx.post, server.url + "/wait", json={"seconds": HOLD_S}, timeout=30)
+                 for server in (one, one, one, two, two)]
+        for key, expr in queries.items():
+            _eventually(f"{key} while 5 requests are held", lambda: prom.query(expr), held[key],
+                        lambda: all(c.done() for c in calls))
+        assert [c.result().status_code for c in calls] == [200] * 5
+
+    ended = time.monotonic()
+    for key, expr in queries.items():
+        _eventually(f"{key} after the requests ended", lambda: prom.query(expr), idle[key],
+                    lambda: time.monotonic() > ended + 30)
+    # the adapter discovers the metric from the series its rule asks for, and serves it under LOAD_METRIC
+    adapter_rule, = adapter_rules()["rules"]
+    discovered = {(s["__name__"], s["pod"]) for s in prom.series(adapter_rule["seriesQuery"])}
+    assert {pod for name, pod in discovered if re.search(adapter_rule["name"]["matches"], name)} >= {POD_1, POD_2}
+    assert adapter_rule["name"]["as"] == LOAD_METRIC
+    # no pod of a service scraped reads 0, where the sum alone reads nothing
+    assert prom.query(keda_query("other", "prod")) == {"": 0.0}
+    assert prom.query(keda_query("other", "prod").removesuffix(" or vector(0)")) == {}
+    assert {rule["name"]: rule["health"] for rule in prom.rules()} == {
+        LOAD_RECORD: "ok", "BentoLikeHighErrorRatio": "ok", "BentoLikeHighLatency": "ok", "BentoLikePodNotReady": "ok",
+    }
