@@ -22,6 +22,7 @@ LOAD_RECORD = "namespace_pod:bento_like_load:sum"
 """The recording rule of the signal, one series per pod (labels namespace, pod), for dashboards and alerts."""
 
 _LOAD_SERIES = ("bento_like_requests_in_flight", "bento_like_tasks")
+_LOAD_NAMES = f'__name__=~"{"|".join(_LOAD_SERIES)}"'  # both series, in one selector
 _WINDOW = "5m"  # rate window of the alerts: several scrapes even at a 1 m scrape interval
 # Kubernetes' generated names (pod-template-hash, pod suffix) use this alphabet: no vowels, no 0, 1 or 3.
 _GENERATED = "[bcdfghjklmnpqrstvwxz2456789]"
@@ -42,12 +43,12 @@ def pod_regex(name: str) -> str:
     suffix = f"{_GENERATED}{{5}}"
     if room < 0:
         return _dots(name[:_MAX_GENERATED_BASE]) + suffix
-    kept = []
+    kept = []  # what may stand between "NAME-" and the suffix; nothing when NAME is 57 characters long
     if room > 1:
         kept.append(f"{_GENERATED}{{1,{min(room - 1, 10)}}}-")  # the whole hash and its dash
     if 0 < room <= 10:
         kept.append(f"{_GENERATED}{{{room}}}")  # a hash cut short, its dash gone
-    middle = kept[0] if len(kept) == 1 else f"(?:{'|'.join(kept)})" if kept else ""  # none: NAME is 57 long
+    middle = f"(?:{'|'.join(kept)})" if len(kept) > 1 else "".join(kept)
     return f"{_dots(name)}-{middle}{suffix}"
 
 
@@ -61,13 +62,14 @@ def load_expr(name: str, namespace: str) -> str:
     """Every series the signal sums, for the service's pods: one selector over both names. Not ``+``: a service
     without task APIs has no ``bento_like_tasks`` series, and ``+`` with an absent side is empty. Not ``or``
     either: it drops a series whose labels equal one already on its left."""
-    return f'{{__name__=~"{"|".join(_LOAD_SERIES)}",{selector(name, namespace)}}}'
+    return f"{{{_LOAD_NAMES},{selector(name, namespace)}}}"
 
 
 def keda_query(name: str, namespace: str) -> str:
     """The PromQL of a KEDA Prometheus trigger: the service's total load. It reads the raw series, not the
-    recording rule, so it needs no rules file and lags no rule evaluation; ``or vector(0)`` makes a service with
-    no pod scraped yet (or scaled to zero) read 0 instead of no data, which KEDA would treat as an error."""
+    recording rule, so it needs no rules file and lags no rule evaluation. ``or vector(0)``: a service with no pod
+    scraped yet (or scaled to zero) reads 0, not an empty answer, which KEDA reports as an error when the trigger
+    sets ``ignoreNullValues: "false"``."""
     return f"sum({load_expr(name, namespace)}) or vector(0)"
 
 
@@ -108,7 +110,7 @@ def rules(
         {
             "alert": "BentoLikeHighErrorRatio",
             "expr": (
-                f'sum by (namespace, api) (rate(bento_like_requests_total{{{sel},status=~"5.."}}[{_WINDOW}]))\n'
+                f'sum by (namespace, api) (rate(bento_like_requests_total{{{sel},status=~"5.."}}[{_WINDOW}]))'
                 f" / sum by (namespace, api) (rate(bento_like_requests_total{{{sel}}}[{_WINDOW}]))"
                 f" > {_num(error_ratio)}"
             ),
@@ -186,7 +188,7 @@ def adapter_rules() -> dict[str, Any]:
                 "resources": {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}},
                 "name": {"matches": f"^{_LOAD_SERIES[0]}$", "as": LOAD_METRIC},
                 # not <<.Series>>: the signal spans two series names; the discovered one is only its handle
-                "metricsQuery": f'sum by (<<.GroupBy>>) ({{__name__=~"{"|".join(_LOAD_SERIES)}",<<.LabelMatchers>>}})',
+                "metricsQuery": f"sum by (<<.GroupBy>>) ({{{_LOAD_NAMES},<<.LabelMatchers>>}})",
             }
         ]
     }
