@@ -249,6 +249,12 @@ def _notes(plan: k8s.Plan, info: BentoManifest) -> list[str]:
     if plan.cpu is None and plan.memory is None:
         notes.append("no resources declared: the scheduler places pods blind and nothing bounds their memory "
                      "(@service(resources={'cpu': ..., 'memory': ...}))")
+    if not plan.config.namespace and plan.config.autoscale == "keda":
+        notes.append("no namespace set: the KEDA query and the rules select pods in namespace 'default' "
+                     "(set deploy.namespace or --namespace)")
+    elif not plan.config.namespace:
+        notes.append("no namespace set: the Prometheus rules select pods in namespace 'default' "
+                     "(set deploy.namespace or --namespace)")
     for dep in info.dependencies:
         notes.append(f"dependency {dep.name} runs inside each pod, as `pkg serve` runs it locally")
     return notes
