@@ -178,3 +178,28 @@ def test_render_refuses_what_cannot_work(bentos: dict[str, str]) -> None:
     for args, message in cases:
         result = runner.invoke(cli, ["deploy", "render", bentos["cpu"], *args, "--no-verify-image", "-o", "-"])
         assert result.exit_code == 1 and message in result.output, result.output
+
+
+def test_measure_startup_sizes_the_probe_from_a_real_start(bentos: dict[str, str], tmp_path: Path) -> None:
+    out = _render(bentos["cpu"], "--image", IMAGES["cpu"], "--no-verify-image", "--measure-startup",
+                  "-o", str(tmp_path))
+    line = next(line for line in out.splitlines() if line.strip().startswith("startup"))
+    assert "measured: ready in" in line and "up to 60 s" in line, out  # a second or two here: the 60 s floor
+
+
+def test_apply_dry_run_names_the_command_and_objects_and_apply_needs_a_kubeconfig(
+        bentos: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not installed")
+    _render(bentos["cpu"], "--image", IMAGES["cpu"], "--no-verify-image", "-o", str(tmp_path))
+    version = bentos["cpu"].split(":")[1]
+    result = CliRunner().invoke(cli, ["deploy", "apply", str(tmp_path), "--dry-run", "--context", "prod"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == f"would run: kubectl --context prod apply -k {tmp_path / 'overlays' / version}"
+    assert "  Deployment/fraud-scorer (namespace fraud)" in lines
+    assert "  HorizontalPodAutoscaler/fraud-scorer (namespace fraud)" in lines
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "nohome"))
+    result = CliRunner().invoke(cli, ["deploy", "apply", str(tmp_path)])
+    assert result.exit_code == 1 and "no kubeconfig" in result.output, result.output
