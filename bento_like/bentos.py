@@ -190,19 +190,25 @@ class Bento:
             file = self.path / entry.path
             if not file.is_file() or file.stat().st_size != entry.size or sha256_file(file) != entry.sha256:
                 raise BentoError(f"bento {self.tag}: file {entry.path!r} is missing or does not match its sha256")
+        self.verify_models()
+
+    def verify_models(self, directory: Path | None = None) -> None:
+        """Check every model the manifest names as Model.verify does, with the digest the manifest records, in
+        `directory` (the model store's layout, e.g. a modelcar's /models) or else the bento's own models/."""
         if not self.info.models:
             return
         from .models import ModelStore, ModelStoreError
 
-        store = ModelStore(self.path / "models")
+        store = ModelStore(directory if directory is not None else self.path / "models")
+        where = "" if directory is None else f" in {directory}"
         for model_entry in self.info.models:
             try:
                 model = store.get(model_entry.tag)
                 model.verify()
             except ModelStoreError as exc:
-                raise BentoError(f"bento {self.tag}: model {model_entry.tag}: {exc}") from None
+                raise BentoError(f"bento {self.tag}: model {model_entry.tag}{where}: {exc}") from None
             if model.info.digest != model_entry.digest:
-                raise BentoError(f"bento {self.tag}: model {model_entry.tag} is not the one the manifest names")
+                raise BentoError(f"bento {self.tag}: model {model_entry.tag}{where} is not the one the manifest names")
 
     def __repr__(self) -> str:
         return f"Bento({self.tag!r}, path={str(self.path)!r})"

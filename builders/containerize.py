@@ -12,6 +12,9 @@ The image is for the platform the bento was locked for (its manifest's ``platfor
 bento's version and the build's epoch (SOURCE_DATE_EPOCH, else 0): the manifests it ships carry that epoch as
 their creation time, not the moment the bento or its models were made.
 The image serves the bento on 0.0.0.0:3000 as user 10001, exactly like ``pkg serve <bento>``.
+
+``without_models`` leaves out the model layers: that image serves the models another image brings (a KServe
+modelcar, builders/modelcar.py), from ``MODELCAR_MOUNT``, which its environment names as the models directory.
 """
 
 from __future__ import annotations
@@ -47,25 +50,32 @@ BENTO_DIR = "/home/bento/bento"
 SITE_PACKAGES = "/opt/bento/site-packages"
 PORT = 3000
 BASE_IMAGE_ENV = "BENTO_LIKE_BASE_IMAGE"
+MODELCAR_MOUNT = "/mnt/models"
+"""Where KServe shows a predictor container the ``/models`` of its storageUri's image (its modelcar)."""
+MODELS_DIR_ENV = "BENTO_LIKE_MODELS_DIR"
 
 
 class ContainerizeError(BentoError):
     """The image cannot be made from this bento as asked; the message says what to change."""
 
 
-def image_config(bento_info: BentoManifest, port: int = PORT) -> ImageConfig:
-    """What the image runs, as whom, on which platform, with which labels; shared with the Dockerfile backend."""
+def image_config(bento_info: BentoManifest, port: int = PORT, models_dir: str | None = None) -> ImageConfig:
+    """What the image runs, as whom, on which platform, with which labels; shared with the Dockerfile backend.
+    `models_dir`: where the served models are, for an image that does not carry them."""
     info = bento_info
+    env = {
+        "PYTHONPATH": SITE_PACKAGES,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "HOME": "/tmp",
+        "BENTO_LIKE_HOME": "/tmp/bento_like",
+        "BENTO_LIKE_PORT": str(port),
+    }
+    if models_dir is not None:
+        env[MODELS_DIR_ENV] = models_dir
     return ImageConfig(
         entrypoint=["python3", "-m", "bento_like", "serve", BENTO_DIR, "--host", "0.0.0.0"],
-        env={
-            "PYTHONPATH": SITE_PACKAGES,
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONDONTWRITEBYTECODE": "1",
-            "HOME": "/tmp",
-            "BENTO_LIKE_HOME": "/tmp/bento_like",
-            "BENTO_LIKE_PORT": str(port),
-        },
+        env=env,
         exposed_ports=[port],
         working_dir=BENTO_DIR,
         user=DEFAULT_USER,
@@ -97,6 +107,19 @@ def shipped_manifests(bento: Bento, epoch: int) -> dict[str, bytes]:
         files[f"models/{tag.replace(':', '/')}/manifest.yaml"] = msgspec.yaml.encode(
             msgspec.structs.replace(model.info, created_at=moment))
     return files
+
+
+def model_layers(bento: Bento, manifests: dict[str, bytes], models_root: str) -> list[LayerSpec]:
+    """One layer per model of the bento, in the model store's layout under `models_root` in the image
+    (`<models_root>/<name>/<version>/`), with its manifest as `manifests` (shipped_manifests) gives it."""
+    layers = []
+    for model in sorted({m.tag for m in bento.info.models}):
+        relative = model.replace(":", "/")
+        # The later source wins: the model's files, then its manifest with the image's epoch.
+        sources = (Tree(bento.path / "models" / relative, f"{models_root}/{relative}"),
+                   File(f"{models_root}/{relative}/manifest.yaml", manifests[f"models/{relative}/manifest.yaml"]))
+        layers.append(LayerSpec(f"model {model}", sources))
+    return layers
 
 
 def runtime_tree(dest: Path) -> Path:
@@ -147,8 +170,11 @@ def containerize(
     store: BentoStore | None = None,
     cache_dir: Path | None = None,
     insecure_base: bool = False,
+    without_models: bool = False,
     progress: Callable[[str], None] = lambda line: None,
 ) -> ImageResult:
+    """The bento's serving image; `without_models` leaves its models out (tagged `<version>-without-models` by
+    default) for them to come from a modelcar at MODELCAR_MOUNT."""
     bento = (store or BentoStore()).get(ref)
     bento.verify()
     info = bento.info
@@ -164,7 +190,7 @@ def containerize(
     progress(f"base: {base_ref}")
     check_base(base_image, info.python.version, info.platform, cache_dir / "layers")
     out = Path(output) if output else store_image_dir(info.name)
-    tag = tag or info.version
+    tag = tag or (f"{info.version}-without-models" if without_models else info.version)
     epoch = source_date_epoch()
     manifests = shipped_manifests(bento, epoch)
     progress(f"dependencies: {bento.path / info.python.lock_file} for Python {info.python.version} "
@@ -177,12 +203,8 @@ def containerize(
             LayerSpec.directory(site, SITE_PACKAGES, comment="python dependencies", exclude=(".complete",)),
             LayerSpec.directory(runtime, SITE_PACKAGES, comment="bento_like runtime"),
         ]
-        for model in sorted({m.tag for m in info.models}):
-            relative = f"models/{model.replace(':', '/')}"
-            # The later source wins: the model's files, then its manifest with the image's epoch.
-            sources = (Tree(bento.path / relative, f"{BENTO_DIR}/{relative}"),
-                       File(f"{BENTO_DIR}/{relative}/manifest.yaml", manifests[f"{relative}/manifest.yaml"]))
-            layers.append(LayerSpec(f"model {model}", sources))
+        if not without_models:
+            layers += model_layers(bento, manifests, f"{BENTO_DIR}/models")
         code = LayerSpec.directory(bento.path / "src", f"{BENTO_DIR}/src", comment="code")
         code += LayerSpec.files(
             {
@@ -197,7 +219,7 @@ def containerize(
         return build_image(
             base_image,
             layers,
-            image_config(info),
+            image_config(info, models_dir=MODELCAR_MOUNT if without_models else None),
             out,
             tag,
             archive=Path(archive) if archive else None,

@@ -83,7 +83,8 @@ def _registry_errors(command):  # type: ignore[no-untyped-def]
 
 @click.command()
 @click.argument("ref")
-@click.option("--base", help="Base image with python3: oci:DIR:TAG, oci-archive:FILE:TAG or a registry reference.")
+@click.option("--base", help="Base image with python3 (with /bin/sh for --model-only): oci:DIR:TAG, "
+                            "oci-archive:FILE:TAG or a registry reference [the bento's].")
 @click.option("--output", type=click.Path(file_okay=False), help="OCI layout directory [$BENTO_LIKE_HOME/images/NAME].")
 @click.option("--archive", type=click.Path(dir_okay=False), help="Also write the image as an OCI archive (tar).")
 @click.option("--tag", help="Tag in the layout [the bento's version].")
@@ -91,20 +92,31 @@ def _registry_errors(command):  # type: ignore[no-untyped-def]
 @click.option("--backend", type=click.Choice(["oci", "docker"]), default="oci", show_default=True,
               help="oci writes the image directly; docker renders a Dockerfile and builds through a Docker API.")
 @click.option("--insecure", is_flag=True, help="Plain HTTP to registries (always allowed for 127.0.0.1/localhost).")
+@click.option("--model-only", is_flag=True,
+              help="Only the models, under /models: a KServe modelcar (storageUri oci://...) [tag VERSION-models]; "
+                   "--base scratch builds it on no base (KServe's native OCI mode runs nothing).")
+@click.option("--without-models", is_flag=True,
+              help="The serving image without its models, which it reads from /mnt/models (BENTO_LIKE_MODELS_DIR), "
+                   "where KServe shows a modelcar's [tag VERSION-without-models].")
 @click.option("-o", "--out", "out", type=click.Choice(["table", "json"]), default="table", show_default=True,
               help="json prints one JSON document (digest, layers, push) on stdout; progress goes to stderr.")
 @_bento_errors
 @_registry_errors
 def containerize(ref: str, base: str | None, output: str | None, archive: str | None, tag: str | None,
-                 push_to: str | None, backend: str, insecure: bool, out: str) -> None:
+                 push_to: str | None, backend: str, insecure: bool, model_only: bool, without_models: bool,
+                 out: str) -> None:
     """Turn the bento REF into an OCI image.
 
     The default backend writes the image itself and needs no Docker daemon; `--backend docker` builds it through
     the Docker API that DOCKER_HOST names (dockerd, or podman's service) and leaves it in that daemon's store."""
     as_json = out == "json"
+    if model_only and without_models:
+        raise click.UsageError("--model-only and --without-models make the two halves of one deployment: "
+                               "build them one at a time")
     if backend == "docker":
         unused = [flag for flag, value in (("--output", output), ("--archive", archive), ("--push", push_to),
-                                           ("--insecure", insecure)) if value]
+                                           ("--insecure", insecure), ("--model-only", model_only),
+                                           ("--without-models", without_models)) if value]
         if unused:
             raise click.UsageError(
                 f"{', '.join(unused)} only apply to --backend oci: the docker backend leaves the image in the "
@@ -114,10 +126,17 @@ def containerize(ref: str, base: str | None, output: str | None, archive: str | 
         image = build_with_docker(ref, base=base, tag=tag, progress=lambda line: click.echo(line, err=True))
         click.echo(json.dumps({"backend": "docker", "image": image}) if as_json else image)
         return
-    from ..builders.containerize import containerize as build
+    steps = _Steps(sys.stderr if as_json else sys.stdout)
+    if model_only:
+        from ..builders.modelcar import containerize_models
 
-    result = build(ref, base=base, output=output, archive=archive, tag=tag, insecure_base=insecure,
-                   progress=_Steps(sys.stderr if as_json else sys.stdout))
+        result = containerize_models(ref, base=base, output=output, archive=archive, tag=tag, insecure_base=insecure,
+                                     progress=steps)
+    else:
+        from ..builders.containerize import containerize as build
+
+        result = build(ref, base=base, output=output, archive=archive, tag=tag, insecure_base=insecure,
+                       without_models=without_models, progress=steps)
     document: dict[str, Any] = {
         "reference": result.reference, "layout": str(result.layout), "tag": result.tag,
         "digest": result.manifest_digest, "config_digest": result.config_digest,

@@ -59,6 +59,13 @@ def cli() -> None:
     help="Seconds to keep serving after SIGTERM while /readyz answers 503, for a load balancer to notice "
     "[$BENTO_LIKE_DRAIN_S, or 0; 5 is usual under Kubernetes].",
 )
+@click.option(
+    "--models",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Serve the bento with the models in this directory (the model store's layout, e.g. a KServe modelcar's "
+    "/mnt/models), checked against its manifest [$BENTO_LIKE_MODELS_DIR, or the bento's own].",
+)
 def serve(target: str, **opts) -> None:  # type: ignore[no-untyped-def]
     """Serve TARGET: a service as file.py:Class or module:Class, or a bento (name:version or its directory)."""
     from ..sdk.api import ServiceDefinitionError
@@ -78,6 +85,7 @@ def serve(target: str, **opts) -> None:  # type: ignore[no-untyped-def]
             working_dir=opts["working_dir"],
             graceful_timeout=opts["graceful_timeout"],
             drain_delay=opts["drain_delay"],
+            models=opts["models"],
             options=ServeOptions(
                 timeout=opts["timeout"],
                 max_concurrency=opts["max_concurrency"],

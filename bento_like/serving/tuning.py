@@ -2,8 +2,8 @@
 object, read from the environment once per server and handed to each worker with its other settings.
 
 The environment knobs (``BENTO_LIKE_INLINE_MS``, ``BENTO_LIKE_COMPUTE_THREADS``, ``BENTO_LIKE_BATCH_PRIORITY``,
-``BENTO_LIKE_SWITCH_INTERVAL_MS``, the connection deadlines and limits of ``HTTPTuning`` and the task store's
-settings of ``TaskTuning``) are read here and
+``BENTO_LIKE_SWITCH_INTERVAL_MS``, the connection deadlines and limits of ``HTTPTuning``, the task store's
+settings of ``TaskTuning`` and where a bento's models come from, ``BENTO_LIKE_MODELS_DIR``) are read here and
 nowhere else in the runtime, as is the little the server's own processes tell each other through the
 environment. The other fields are the constants the batching policy and the placement of calls work with; each
 is documented where it is declared, and docs/batching.md says which simulated scenario needs it. Tests and the simulator build their own ``Tuning`` to vary them.
@@ -184,11 +184,18 @@ class Tuning(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     dependency_start_s: float = 600.0
     """``BENTO_LIKE_DEPENDENCY_START_S``: how long a separately-run dependency may take to turn ready (its models
     loaded, its warm-up run) before ``pkg serve`` gives up on it, naming it and its log."""
+    models_dir: str = ""
+    """``BENTO_LIKE_MODELS_DIR`` (``pkg serve --models``): a served bento's models are read from this directory
+    (the model store's layout, e.g. a KServe modelcar's at /mnt/models), checked against the digests its
+    manifest records, instead of from the bento. Empty: the bento's own."""
+    models_wait_s: float = 60.0
+    """``BENTO_LIKE_MODELS_WAIT_S``: how long ``pkg serve`` waits for ``models_dir`` to appear: KServe's modelcar
+    links it beside the server, possibly just after the server starts."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.batch_priority <= 39:
             raise ValueError(f"batch_priority must be between 0 and 39 nice steps, got {self.batch_priority}")
-        _at_least(self, 0.0, "switch_interval_ms")
+        _at_least(self, 0.0, "switch_interval_ms", "models_wait_s")
         _positive(self, "watchdog_interval_s", "dependency_start_s")
 
     @classmethod
@@ -243,6 +250,8 @@ _KNOBS: dict[str, tuple[str, str, Any, str]] = {
     "TASK_MAX_RESULTS": ("tasks", "max_results", int, "an integer number of tasks"),
     "TASK_TIMEOUT_S": ("tasks", "timeout_s", _finite, "a number of seconds"),
     "DEPENDENCY_START_S": ("top", "dependency_start_s", _finite, "a number of seconds"),
+    "MODELS_DIR": ("top", "models_dir", str, "a directory"),
+    "MODELS_WAIT_S": ("top", "models_wait_s", _finite, "a number of seconds"),
 }
 
 

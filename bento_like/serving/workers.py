@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -44,7 +44,10 @@ from ..sdk.loader import load_service
 from ..sdk.service import ServiceSpec, separate_services
 from .app import ServeOptions, create_app, run_deployment_hooks
 from .dependencies import DependencyProcesses
-from .tuning import Tuning, from_reloader, hand_to_reloaded
+from .tuning import Tuning, from_reloader, hand_to_reloaded, knob
+
+if TYPE_CHECKING:
+    from ..bentos import Bento
 
 log = logging.getLogger("bento_like.serving")
 
@@ -66,6 +69,7 @@ def serve(
     graceful_timeout: float = 30.0,
     options: ServeOptions | None = None,
     drain_delay: float | None = None,
+    models: str | None = None,
 ) -> None:
     working_dir = str(Path(working_dir or os.getcwd()).resolve())
     # The runtime's settings are read from the environment here, once, and sent to every worker.
@@ -73,9 +77,11 @@ def serve(
     tuning = options.tuning or Tuning.from_env()
     if drain_delay is not None:  # --drain-delay wins over BENTO_LIKE_DRAIN_S
         tuning = msgspec.structs.replace(tuning, http=msgspec.structs.replace(tuning.http, drain_s=float(drain_delay)))
+    if models is not None:  # --models wins over BENTO_LIKE_MODELS_DIR
+        tuning = msgspec.structs.replace(tuning, models_dir=models)
     options = dataclasses.replace(options, tuning=tuning)
     _configure_logging(log_level)
-    where, not_a_bento = _resolve_bento(target, working_dir)
+    where, not_a_bento = _resolve_bento(target, working_dir, tuning)
     try:
         spec = _load(where)
     except ServiceDefinitionError as exc:
@@ -137,24 +143,57 @@ class Target(msgspec.Struct, frozen=True):
     service: str | None = None  # a dependency of the target's service to serve instead (serving/dependencies.py)
 
 
-def _resolve_bento(target: str, working_dir: str) -> tuple[Target, str | None]:
-    """A bento (its directory, or name:version in the bento store) is served from its src/ with its own models,
-    exactly as its image serves it; anything else is a service target left as it is, with why it is no bento."""
+def _resolve_bento(target: str, working_dir: str, tuning: Tuning) -> tuple[Target, str | None]:
+    """A bento (its directory, or name:version in the bento store) is served from its src/ with its own models
+    (or those in ``tuning.models_dir``), exactly as its image serves it; anything else is a service target left
+    as it is, with why it is no bento."""
     from ..bentos import MANIFEST_FILE, BentoError, BentoStore
 
     directory = Path(working_dir) / target
     if (directory / MANIFEST_FILE).is_file():
         bento = BentoStore().get(str(directory))
     elif target.endswith(".py") or ".py:" in target:
-        return Target(target, working_dir), None
+        bento = None
     else:
         try:
             bento = BentoStore().get(target)
         except BentoError as exc:
+            if tuning.models_dir:
+                raise ServeError(f"{target!r} is no bento ({exc}); --models ({knob('models_dir')}) names where "
+                                 "a bento's models are") from None
             return Target(target, working_dir), str(exc)  # module or module:Class
+    if bento is None:
+        if tuning.models_dir:
+            raise ServeError(f"--models ({knob('models_dir')}) names where a bento's models are: serve a bento "
+                             f"with it, not {target!r} (whose models come from the model store)")
+        return Target(target, working_dir), None
     log.info("serving bento %s from %s", bento.tag, bento.path)
-    os.environ[MODEL_STORE_ENV] = str(bento.path / "models")  # this process's and its workers' model store
+    models = bento.path / "models"
+    if tuning.models_dir:
+        models = _models_dir(bento, Path(tuning.models_dir).absolute(), tuning.models_wait_s)
+    os.environ[MODEL_STORE_ENV] = str(models)  # this process's and its workers' model store
     return Target(bento.info.service, str(bento.path / "src"), str(bento.path)), None
+
+
+def _models_dir(bento: Bento, directory: Path, wait_s: float) -> Path:
+    """`directory` once it exists (a KServe modelcar links it beside this server, maybe just after it starts),
+    holding exactly the models the bento's manifest names: anything else stops the server, naming the model."""
+    from ..bentos import BentoError
+
+    deadline = time.monotonic() + wait_s
+    if not directory.is_dir() and wait_s > 0:
+        log.info("waiting up to %.0f s for the models directory %s (%s)", wait_s, directory, knob("models_wait_s"))
+        while not directory.is_dir() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    if not directory.is_dir():
+        raise ServeError(f"the models directory {directory} of bento {bento.tag} does not exist (waited "
+                         f"{wait_s:g} s, {knob('models_wait_s')})")
+    try:
+        bento.verify_models(directory)
+    except BentoError as exc:
+        raise ServeError(str(exc)) from None
+    log.info("serving the models of %s from %s", bento.tag, directory)
+    return directory
 
 
 def _load(where: Target) -> ServiceSpec:
