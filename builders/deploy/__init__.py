@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ...bentos import Bento, BentoStore
+from ..containerize import MODELCAR_MOUNT, MODELS_DIR_ENV
 from .config import DeployConfig, DeployConfigError, parse_config
 from .render import BENTO_ANNOTATION, DeployError, Rendered, config_of, render
 
@@ -28,7 +29,7 @@ __all__ = [
 ]
 
 BENTO_IMAGE_ANNOTATION = "dev.bento_like.bento"  # what pkg containerize writes into the image's manifest
-MODELCAR_MODELS_ENV = {"BENTO_LIKE_MODELS_DIR": "/mnt/models"}
+MODELCAR_MODELS_ENV = {MODELS_DIR_ENV: MODELCAR_MOUNT}  # where KServe shows the modelcar's /models
 
 
 def render_bento(ref: str, image: str, *, verify_image: bool = True, insecure: bool = False,

@@ -14,7 +14,6 @@ from .kubernetes import Plan
 
 API_VERSION = "serving.kserve.io/v1beta1"
 PREDICTOR_CONTAINER = "kserve-container"  # the name KServe looks for in a custom predictor
-MODELCAR_MOUNT = "/mnt/models"  # where KServe shows a modelcar's /models to the predictor container
 ISVC_LABEL = "serving.kserve.io/inferenceservice"
 
 
