@@ -192,6 +192,20 @@ def test_cli_builds_beside_the_serving_image_and_pushes(bento: str, shell_base: 
     assert remote["Digest"] == document["digest"]
     assert remote["Labels"]["org.opencontainers.image.version"] == version
 
+    # pkg deploy checks that the registry holds both images, each built from this bento (any image of the
+    # bento stands in for the serving one here: the check reads the manifest's annotation, not the layers)
+    from bento_like.builders.deploy import DeployError, render_bento
+    from bento_like.builders.registry import push_image
+
+    serving = f"{registry.host}/{repo_name}:serving"
+    push_image(Path(document["layout"]), serving, source_tag=document["tag"])
+    rendered = render_bento(bento, serving, target="kserve", model_image=dest)
+    container = rendered.documents[0]["spec"]["predictor"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["STORAGE_URI"] == f"oci://{dest}" and env["BENTO_LIKE_MODELS_DIR"] == "/mnt/models"
+    with pytest.raises(DeployError, match="--model-only --push"):
+        render_bento(bento, serving, target="kserve", model_image=f"{registry.host}/{repo_name}:absent")
+
 
 def test_refused_without_models_or_without_a_shell(bento: str, tiny_base: Callable[[str], str], tmp_path: Path) -> None:
     bare = build(tmp_path / "bare", "import bento_like as bl\n\n\n@bl.service(name='bare')\nclass Bare:\n"

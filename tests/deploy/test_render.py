@@ -203,3 +203,48 @@ def test_apply_dry_run_names_the_command_and_objects_and_apply_needs_a_kubeconfi
     monkeypatch.setenv("HOME", str(tmp_path / "nohome"))
     result = CliRunner().invoke(cli, ["deploy", "apply", str(tmp_path)])
     assert result.exit_code == 1 and "no kubeconfig" in result.output, result.output
+
+
+def _doc_blocks(lang: str) -> list[str]:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "deploy.md").read_text()
+    blocks, inside, current = [], None, []
+    for line in text.splitlines():
+        if inside is None and line.startswith("```"):
+            inside, current = line[3:].strip(), []
+        elif inside is not None and line.startswith("```"):
+            if inside == lang:
+                blocks.append("\n".join(current))
+            inside = None
+        elif inside is not None:
+            current.append(line)
+    return blocks
+
+
+def test_docs_deploy_page_shows_what_the_code_does(bentos: dict[str, str], tmp_path: Path) -> None:
+    """docs/deploy.md as a reader follows it: its deploy: section is the CPU service's, its printed summary is what
+    render prints for that service (but for the version and digest), and every pkg command and option it shows
+    exists."""
+    from bento_like.builders.bento import load_build_config
+
+    (config_block,) = _doc_blocks("yaml")
+    shutil.copytree(SERVICES / "cpu", tmp_path / "p")
+    (tmp_path / "p" / "bentofile.yaml").write_text(config_block)
+    assert load_build_config(tmp_path / "p") == load_build_config(SERVICES / "cpu")
+
+    summary = next(b for b in _doc_blocks("") if b.startswith("fraud_scorer:"))
+    printed = _render(bentos["cpu"], "--image", IMAGES["cpu"], "--no-verify-image", "-o", str(tmp_path / "out"))
+    stable = [line for line in summary.splitlines() if not any(k in line for k in ("sha256", "...", "wrote"))]
+    assert stable and all(line in printed.splitlines() for line in stable), (stable, printed)
+
+    import shlex
+
+    shown = [line for block in _doc_blocks("bash") for line in block.replace("\\\n", " ").splitlines()]
+    commands = [shlex.split(line.split("#")[0]) for line in shown if line.startswith("pkg ")]
+    assert len(commands) >= 6
+    for words in commands:
+        command, rest = cli, words[1:]
+        while hasattr(command, "commands"):
+            command, rest = command.commands[rest[0]], rest[1:]
+        known = {opt for param in command.params for opt in param.opts}
+        unknown = [w for w in rest if w.startswith("-") and w not in known]
+        assert not unknown, f"docs/deploy.md: `{' '.join(words)}` shows options pkg does not have: {unknown}"
