@@ -39,7 +39,7 @@ def inference_service(plan: Plan, models_env: dict[str, str]) -> dict[str, Any]:
         # bento's models from there, checked against the digests the bento records
         env.update({"STORAGE_URI": f"oci://{cfg.model_image.removeprefix('oci://')}", **models_env})
     container["env"] = [{"name": k, "value": v} for k, v in sorted(env.items())]
-    meta = k8s._pod_metadata(plan)
+    meta = k8s.pod_metadata(plan)
     predictor: dict[str, Any] = {
         "minReplicas": cfg.replicas,
         "maxReplicas": cfg.max_replicas if cfg.autoscale != "none" else cfg.replicas,

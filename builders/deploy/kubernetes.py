@@ -57,7 +57,7 @@ def deployment(plan: Plan) -> dict[str, Any]:
         "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
         # a rollout that cannot get a pod ready within its startup budget (plus scheduling) is reported stuck
         "progressDeadlineSeconds": max(600, plan.startup_budget_s + 300),
-        "template": {"metadata": _pod_metadata(plan), "spec": pod_spec(plan)},
+        "template": {"metadata": pod_metadata(plan), "spec": pod_spec(plan)},
     }
     if cfg.autoscale == "none":
         spec = {"replicas": cfg.replicas, **spec}  # under an autoscaler, a re-apply must not reset its count
@@ -76,7 +76,7 @@ def _metadata(plan: Plan, name: str | None = None) -> dict[str, Any]:
     return meta
 
 
-def _pod_metadata(plan: Plan) -> dict[str, Any]:
+def pod_metadata(plan: Plan) -> dict[str, Any]:
     annotations = {f"{ANNOTATION_PREFIX}/service": plan.service}
     if plan.config.monitoring == "annotations":
         annotations.update({"prometheus.io/scrape": "true", "prometheus.io/port": str(plan.config.port),
