@@ -52,13 +52,18 @@ def pod_regex(name: str) -> str:
     return f"{_dots(name)}-{middle}{suffix}"
 
 
-def selector(name: str, namespace: str) -> str:
-    """The label matchers of the pods of service ``name`` in ``namespace``, for inside ``{...}``."""
+def selector(name: str, namespace: str | None) -> str:
+    """The label matchers of the pods of service ``name`` in ``namespace``, for inside ``{...}``. With no
+    namespace (the manifests leave it to ``kubectl -n``), the pods of every namespace: the rules group by
+    namespace, so each namespace's pods are still judged apart."""
+    pods = f'pod=~"{_promql_string(pod_regex(name))}"'
+    if namespace is None:
+        return pods
     _check(_LABEL, namespace, "namespace", 63)
-    return f'namespace="{namespace}",pod=~"{_promql_string(pod_regex(name))}"'
+    return f'namespace="{namespace}",{pods}'
 
 
-def load_expr(name: str, namespace: str) -> str:
+def load_expr(name: str, namespace: str | None) -> str:
     """Every series the signal sums, for the service's pods: one selector over both names. Not ``+``: a service
     without task APIs has no ``bento_like_tasks`` series, and ``+`` with an absent side is empty. Not ``or``
     either: it drops a series whose labels equal one already on its left."""
@@ -69,13 +74,16 @@ def keda_query(name: str, namespace: str) -> str:
     """The PromQL of a KEDA Prometheus trigger: the service's total load. It reads the raw series, not the
     recording rule, so it needs no rules file and lags no rule evaluation. ``or vector(0)``: a service with no pod
     scraped yet (or scaled to zero) reads 0, not an empty answer, which KEDA reports as an error when the trigger
-    sets ``ignoreNullValues: "false"``."""
+    sets ``ignoreNullValues: "false"``. It sums over pods, so it needs the namespace they run in: the same
+    Deployment name in another namespace would be counted too."""
+    if namespace is None:
+        raise ValueError("the KEDA query needs the namespace the pods run in")
     return f"sum({load_expr(name, namespace)}) or vector(0)"
 
 
 def rules(
     name: str,
-    namespace: str,
+    namespace: str | None,
     *,
     timeout_s: float,
     error_ratio: float = 0.05,
@@ -101,7 +109,7 @@ def rules(
         if value is not None and not (value and _DURATION.match(value)):
             raise ValueError(f"{field} must be a Prometheus duration such as 30s or 5m, not {value!r}")
     sel = selector(name, namespace)
-    where = f"service {name} (namespace {namespace})"
+    where = f"service {name} (namespace {namespace or '{{ $labels.namespace }}'})"
     group: dict[str, Any] = {"name": f"bento_like-{name}"}
     if interval is not None:
         group["interval"] = interval
@@ -161,11 +169,13 @@ def rules(
 
 
 def prometheus_rule(
-    name: str, namespace: str, labels: dict[str, str] | None = None, **options: Any
+    name: str, namespace: str | None, labels: dict[str, str] | None = None, **options: Any
 ) -> dict[str, Any]:
     """The rules of :func:`rules` as a ``monitoring.coreos.com/v1`` PrometheusRule, for clusters with the
     Prometheus Operator; ``labels`` are those its ``ruleSelector`` picks (``release: ...``, say)."""
-    metadata: dict[str, Any] = {"name": name, "namespace": namespace}
+    metadata: dict[str, Any] = {"name": name}
+    if namespace is not None:
+        metadata["namespace"] = namespace
     if labels:
         metadata["labels"] = dict(labels)
     return {

@@ -185,14 +185,16 @@ def _objects(plan: k8s.Plan, models_env: dict[str, str]) -> list[dict[str, Any]]
     if cfg.autoscale == "hpa":
         docs.append(k8s.horizontal_autoscaler(plan, target, prometheus.LOAD_METRIC))
     elif cfg.autoscale == "keda":
-        docs.append(k8s.scaled_object(plan, target, prometheus.keda_query(target, _rules_namespace(plan))))
+        if not cfg.namespace:
+            raise DeployError("--autoscale keda needs the namespace the pods will run in (deploy.namespace or "
+                              "--namespace): its query sums the load of the service's pods, and without one it "
+                              "would count a same-named Deployment of every namespace")
+        docs.append(k8s.scaled_object(plan, target, prometheus.keda_query(target, cfg.namespace)))
     if cfg.monitoring == "servicemonitor":
         if cfg.target == "kubernetes":
             docs.append(k8s.service_monitor(plan))
-        rule = prometheus.prometheus_rule(target, _rules_namespace(plan), plan.labels, timeout_s=plan.timeout_s)
+        rule = prometheus.prometheus_rule(target, cfg.namespace, plan.labels, timeout_s=plan.timeout_s)
         rule["metadata"]["name"] = plan.name
-        if not cfg.namespace:  # the kustomization (or kubectl -n) places it, like the other objects
-            rule["metadata"].pop("namespace", None)
         docs.append(rule)
     return docs
 
@@ -202,16 +204,12 @@ def _workload(plan: k8s.Plan) -> str:
     return kserve.predictor_deployment(plan.name) if plan.config.target == "kserve" else plan.name
 
 
-def _rules_namespace(plan: k8s.Plan) -> str:
-    return plan.config.namespace or "default"
-
-
 def _monitoring_files(plan: k8s.Plan) -> dict[str, str]:
     header = (f"# Prometheus rules for {plan.name}: the autoscaling signal ({prometheus.LOAD_RECORD}) and alerts.\n"
               "# Check them with `promtool check rules`; load them with rule_files (or use the PrometheusRule\n"
               "# that --monitoring servicemonitor renders).\n")
     files = {"monitoring/prometheus-rules.yaml": header + _dump(
-        prometheus.rules(_workload(plan), _rules_namespace(plan), timeout_s=plan.timeout_s))}
+        prometheus.rules(_workload(plan), plan.config.namespace, timeout_s=plan.timeout_s))}
     if plan.config.autoscale == "hpa":
         files["monitoring/prometheus-adapter-rules.yaml"] = (
             f"# Add to the Prometheus Adapter's config (its `rules:`), so that the HPA of {plan.name} can read\n"
@@ -249,12 +247,6 @@ def _notes(plan: k8s.Plan, info: BentoManifest) -> list[str]:
     if plan.cpu is None and plan.memory is None:
         notes.append("no resources declared: the scheduler places pods blind and nothing bounds their memory "
                      "(@service(resources={'cpu': ..., 'memory': ...}))")
-    if not plan.config.namespace and plan.config.autoscale == "keda":
-        notes.append("no namespace set: the KEDA query and the rules select pods in namespace 'default' "
-                     "(set deploy.namespace or --namespace)")
-    elif not plan.config.namespace:
-        notes.append("no namespace set: the Prometheus rules select pods in namespace 'default' "
-                     "(set deploy.namespace or --namespace)")
     for dep in info.dependencies:
         notes.append(f"dependency {dep.name} runs inside each pod, as `pkg serve` runs it locally")
     return notes

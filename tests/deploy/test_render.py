@@ -248,3 +248,28 @@ def test_docs_deploy_page_shows_what_the_code_does(bentos: dict[str, str], tmp_p
         known = {opt for param in command.params for opt in param.opts}
         unknown = [w for w in rest if w.startswith("-") and w not in known]
         assert not unknown, f"docs/deploy.md: `{' '.join(words)}` shows options pkg does not have: {unknown}"
+
+
+def test_without_a_namespace_rules_judge_each_namespace_apart_and_keda_is_refused(
+        bentos: dict[str, str], tmp_path: Path) -> None:
+    """Manifests left to `kubectl -n`: the rules select the service's pods in every namespace (they group by
+    namespace); KEDA's query sums over pods, so it is refused rather than counting other namespaces' pods."""
+    from bento_like.bentos import BentoStore
+    from bento_like.builders.deploy import DeployError
+    from bento_like.builders.deploy.config import DeployConfig
+    from bento_like.builders.deploy.render import render
+
+    bento = bentos["cpu"]
+    plain = render(BentoStore().get(bento), IMAGES["cpu"].rsplit(":", 1)[0] + ":1", DeployConfig())
+    assert all("namespace" not in d["metadata"] for d in plain.documents)
+    rules = yaml.safe_load(plain.files["monitoring/prometheus-rules.yaml"])
+    exprs = [r["expr"] for r in rules["groups"][0]["rules"]]
+    assert all('namespace="' not in e and 'pod=~"fraud-scorer-' in e for e in exprs), exprs
+    assert all("by (namespace" in e for e in exprs)
+    if shutil.which("promtool"):
+        (tmp_path / "rules.yaml").write_text(plain.files["monitoring/prometheus-rules.yaml"])
+        check = subprocess.run(["promtool", "check", "rules", str(tmp_path / "rules.yaml")], capture_output=True,
+                               text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+    with pytest.raises(DeployError, match="needs the namespace"):
+        render(BentoStore().get(bento), IMAGES["cpu"], DeployConfig(autoscale="keda"))
