@@ -93,7 +93,7 @@ def plan_for(bento: Bento, config: DeployConfig, image: str, measured_startup_s:
     """The plan, and where its startup budget came from."""
     info = bento.info
     name = config.name or object_name(info.service_name)
-    res, traffic = info.resources, info.traffic
+    res, traffic = pod_resources(info), info.traffic
     if config.startup_s is not None:
         expected, source = config.startup_s, f"declared deploy.startup_s {config.startup_s:g} s"
     elif measured_startup_s is not None:
@@ -123,6 +123,42 @@ def plan_for(bento: Bento, config: DeployConfig, image: str, measured_startup_s:
         labels=dict(sorted(labels.items())),
     )
     return plan, source
+
+
+# Kubernetes' quantity forms, as @service(resources={"memory": ...}) accepts them
+_QUANTITY = re.compile(r"^(\d+(?:\.\d+)?|\.\d+)([eE]\d+|[KMGTPE]i|[kMGTPE]|m)?$")
+_FACTORS: dict[str | None, float] = {None: 1, "m": 1e-3, **{s: 1000.0 ** (i + 1) for i, s in enumerate("kMGTPE")},
+                                     **{s + "i": 1024.0 ** (i + 1) for i, s in enumerate("KMGTPE")}}
+
+
+def pod_resources(info: BentoManifest) -> dict[str, Any]:
+    """What one pod needs: the service's resources plus those of the dependencies ``pkg serve`` runs beside it
+    in the same container (docs/distributed.md)."""
+    parts = [info.resources] + [dep.resources for dep in info.dependencies]
+    cpus = [p["cpu"] for p in parts if p.get("cpu") is not None]
+    memories = [p["memory"] for p in parts if p.get("memory") is not None]
+    gpu_types = {p["gpu_type"] for p in parts if p.get("gpu_type")}
+    if len(gpu_types) > 1:
+        raise DeployError(f"bento {info.tag}: the service and its dependencies ask for different GPU types "
+                          f"({', '.join(sorted(gpu_types))}); one pod runs on one node")
+    total: dict[str, Any] = {"gpu": sum(int(p.get("gpu") or 0) for p in parts),
+                             "gpu_type": gpu_types.pop() if gpu_types else None}
+    total["cpu"] = sum(cpus) if cpus else None
+    if len(memories) == 1:
+        total["memory"] = memories[0]
+    elif memories:
+        size = 0
+        for memory in memories:
+            match = _QUANTITY.match(str(memory).strip())
+            if match is None:
+                raise DeployError(f"bento {info.tag}: memory {memory!r} is not a quantity such as 512Mi")
+            suffix = match[2]
+            factor = 10.0 ** int(suffix[1:]) if suffix and suffix[0] in "eE" else _FACTORS[suffix]
+            size += float(match[1]) * factor
+        total["memory"] = f"{math.ceil(size / 2**20)}Mi"
+    else:
+        total["memory"] = None
+    return total
 
 
 def _default_target(info: BentoManifest) -> float:
@@ -248,7 +284,8 @@ def _notes(plan: k8s.Plan, info: BentoManifest) -> list[str]:
         notes.append("no resources declared: the scheduler places pods blind and nothing bounds their memory "
                      "(@service(resources={'cpu': ..., 'memory': ...}))")
     for dep in info.dependencies:
-        notes.append(f"dependency {dep.name} runs inside each pod, as `pkg serve` runs it locally")
+        notes.append(f"dependency {dep.name} runs inside each pod, as `pkg serve` runs it locally; its resources "
+                     "are added to the pod's")
     return notes
 
 

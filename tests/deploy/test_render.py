@@ -273,3 +273,38 @@ def test_without_a_namespace_rules_judge_each_namespace_apart_and_keda_is_refuse
         assert check.returncode == 0, check.stdout + check.stderr
     with pytest.raises(DeployError, match="needs the namespace"):
         render(BentoStore().get(bento), IMAGES["cpu"], DeployConfig(autoscale="keda"))
+
+
+DEPENDENT = '''
+import bento_like as bl
+
+
+@bl.service(name="tokenizer", resources={"cpu": "500m", "memory": "512Mi"}, workers=2)
+class Tokenizer:
+    @bl.api
+    def split(self, text: str) -> list[str]:
+        return text.split()
+
+
+@bl.service(name="search", resources={"cpu": "2", "memory": "1Gi"})
+class Search:
+    tokenizer = bl.depends(Tokenizer)
+
+    @bl.api
+    def query(self, text: str) -> list[str]:
+        return self.tokenizer.split(text=text)
+'''
+
+
+def test_a_dependency_run_beside_the_service_adds_its_resources_to_the_pod(bentos: dict[str, str],
+                                                                         tmp_path: Path) -> None:
+    project = tmp_path / "search"
+    project.mkdir()
+    (project / "service.py").write_text(DEPENDENT)
+    (project / "bentofile.yaml").write_text("service: service.py:Search\ndeploy:\n  namespace: search\n")
+    tag = build_bento(project).bento.tag
+    out = _render(tag, "--image", "r.example.com/search:1", "--no-verify-image", "-o", str(tmp_path / "out"))
+    assert "resources  cpu 2.5, memory 1536Mi" in out and "dependency tokenizer runs inside each pod" in out, out
+    deployment = yaml.safe_load((tmp_path / "out" / "base" / "deployment.yaml").read_text())
+    resources = deployment["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert resources == {"requests": {"cpu": "2500m", "memory": "1536Mi"}, "limits": {"memory": "1536Mi"}}
