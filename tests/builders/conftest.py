@@ -211,13 +211,16 @@ def busybox_image(tmp_path: Path, site: Path, busybox_layer: LayerSpec) -> Image
 @pytest.fixture
 def run_image(tmp_path: Path) -> Iterator[Callable[..., str]]:
     """`run_image(layout_dir, tag, env={...})` -> container id: umoci unpack, no terminal, the host's network,
-    runc run in the background, with `env` added to the image's. Every container started is deleted at teardown."""
+    runc run in the background, with `env` added to the image's. `args` replaces the process's arguments,
+    `host_namespaces` lists the namespaces shared with the host (network by default) and `mounts` maps
+    host directories to paths in the container. Every container started is deleted at teardown."""
     require("umoci", "runc")
     if os.geteuid() != 0:
         pytest.skip("runc needs root here")
     started: list[str] = []
 
-    def run(layout: str, tag: str, env: dict[str, str] | None = None) -> str:
+    def run(layout: str, tag: str, env: dict[str, str] | None = None, *, args: list[str] | None = None,
+            host_namespaces: tuple[str, ...] = ("network",), mounts: dict[str, Path] | None = None) -> str:
         bundle = tmp_path / f"bundle-{len(started)}"
         subprocess.run(["umoci", "unpack", "--image", f"{layout}:{tag}", str(bundle)], check=True,
                        capture_output=True)
@@ -225,7 +228,12 @@ def run_image(tmp_path: Path) -> Iterator[Callable[..., str]]:
         config = json.loads(config_path.read_text())
         config["process"]["terminal"] = False
         config["process"]["env"] = [*config["process"].get("env", []), *(f"{k}={v}" for k, v in (env or {}).items())]
-        config["linux"]["namespaces"] = [n for n in config["linux"]["namespaces"] if n["type"] != "network"]
+        if args is not None:
+            config["process"]["args"] = args
+        config["linux"]["namespaces"] = [n for n in config["linux"]["namespaces"] if n["type"] not in host_namespaces]
+        for destination, source in (mounts or {}).items():
+            config["mounts"].append({"destination": destination, "type": "bind", "source": str(source),
+                                     "options": ["rbind", "rw"]})
         config_path.write_text(json.dumps(config))
         container = f"bento-like-test-{uuid.uuid4().hex[:10]}"
         log = open(tmp_path / f"{container}.log", "wb")

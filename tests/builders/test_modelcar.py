@@ -12,7 +12,6 @@ import subprocess
 import sys
 import tarfile
 import time
-import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -228,35 +227,15 @@ def test_refused_without_models_or_without_a_shell(bento: str, tiny_base: Callab
 
 
 @pytest.fixture
-def modelcar(tmp_path: Path) -> Iterator[Callable[[Path, str, Path], str]]:
+def modelcar(run_image: Callable[..., str]) -> Callable[[Path, str, Path], str]:
     """`modelcar(layout, tag, mnt)` -> container id: the image run as KServe runs a modelcar, with runc: its
     arguments, the host's process namespace (the pod's shared one) and `mnt` (the pod's emptyDir) at /mnt."""
-    require("umoci", "runc")
-    if os.geteuid() != 0:
-        pytest.skip("runc needs root here")
-    started: list[str] = []
 
     def run(layout: Path, tag: str, mnt: Path) -> str:
-        bundle = tmp_path / f"modelcar-bundle-{len(started)}"
-        subprocess.run(["umoci", "unpack", "--image", f"{layout}:{tag}", str(bundle)], check=True,
-                       capture_output=True)
-        config = json.loads((bundle / "config.json").read_text())
-        config["process"].update(terminal=False, args=KSERVE_MODELCAR_ARGS)
-        config["linux"]["namespaces"] = [n for n in config["linux"]["namespaces"]
-                                         if n["type"] not in ("network", "pid")]
-        config["mounts"].append({"destination": "/mnt", "type": "bind", "source": str(mnt),
-                                 "options": ["rbind", "rw"]})
-        (bundle / "config.json").write_text(json.dumps(config))
-        container = f"bento-like-modelcar-{uuid.uuid4().hex[:10]}"
-        log = open(tmp_path / f"{container}.log", "wb")
-        subprocess.Popen(["runc", "run", "--bundle", str(bundle), container], stdout=log, stderr=subprocess.STDOUT,
-                         stdin=subprocess.DEVNULL)
-        started.append(container)
-        return container
+        return run_image(str(layout), tag, args=KSERVE_MODELCAR_ARGS, host_namespaces=("network", "pid"),
+                         mounts={"/mnt": mnt})
 
-    yield run
-    for container in started:
-        subprocess.run(["runc", "delete", "-f", container], capture_output=True)
+    return run
 
 
 def test_a_server_reads_its_models_from_a_modelcar_run_as_kserve_runs_it(bento: str, shell_base: str,
