@@ -11,21 +11,6 @@ import click
 from .bentos import _bento_errors
 
 
-def _deploy_errors(command):  # type: ignore[no-untyped-def]
-    import functools
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        from ..builders.deploy import DeployConfigError, DeployError
-
-        try:
-            command(*args, **kwargs)
-        except (DeployError, DeployConfigError) as exc:
-            raise click.ClickException(str(exc)) from exc
-
-    return wrapper
-
-
 @click.group()
 def deploy() -> None:
     """Kubernetes and KServe objects for a bento's pushed image, and applying them."""
@@ -51,7 +36,6 @@ def deploy() -> None:
 @click.option("-o", "--output", "output", default="deploy", show_default=True,
               help="Directory of the kustomize tree, or - for one multi-document YAML on stdout.")
 @_bento_errors
-@_deploy_errors
 def render_command(ref: str, image: str, output: str, measure_startup: bool, no_verify_image: bool, insecure: bool,
                    **flags: Any) -> None:
     """Render the objects that run bento REF from IMAGE: a kustomize base, an overlay for this version, and
@@ -109,7 +93,7 @@ def _resources(plan: Any) -> str:
 @click.option("--context", help="kubectl's --context.")
 @click.option("--namespace", help="kubectl's --namespace.")
 @click.option("--dry-run", is_flag=True, help="Print the command and the objects it would apply; change nothing.")
-@_deploy_errors
+@_bento_errors
 def apply_command(path: str, version: str | None, context: str | None, namespace: str | None, dry_run: bool) -> None:
     """kubectl apply -k of a rendered overlay (PATH: the overlay, or the directory pkg deploy render wrote)."""
     from ..builders.deploy import apply, apply_plan, built_objects

@@ -147,14 +147,6 @@ class Connections:
         return False
 
 
-async def _stopping_readyz(scope: Any, receive: Any, send: Any) -> None:
-    """/readyz while the server stops: requests are still served, but a balancer should send no more."""
-    body = json.dumps({"ready": False, "state": "stopping", "error": "the server is shutting down"}).encode()
-    await send({"type": "http.response.start", "status": 503,
-                "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1")]})
-    await send({"type": "http.response.body", "body": body})
-
-
 class HttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol over a ``CoalescingTransport``, with the deadlines and the connection cap
     of ``HTTPTuning``. ``protocol_class`` makes one per server process, bound to its settings."""
@@ -221,8 +213,6 @@ class HttpProtocol(HttpToolsProtocol):
         self._disarm()
         if self.read_ahead:
             self.registry.release(self)
-        if self.registry.stopping and cycle.scope["path"] == "/readyz":
-            app = _stopping_readyz
         self.busy = True
         self.transport.expect_head = True  # type: ignore[attr-defined]
         super()._start_asgi_task(cycle, app)

@@ -440,8 +440,8 @@ def _server(app: Any, server_args: dict[str, Any]) -> Any:
                     signal.signal(sig, handler)
 
         def handle_exit(self, sig: int, frame: Any) -> None:
-            protocol.registry.stopping = True  # /readyz answers 503 from the next request on
-            state.stopping = True
+            protocol.registry.stopping = True  # no connection is kept alive from here on
+            state.stopping = True  # /readyz answers 503 from the next request on
             super().handle_exit(sig, frame)
 
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:

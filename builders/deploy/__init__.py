@@ -24,8 +24,8 @@ from .config import DeployConfig, DeployConfigError, parse_config
 from .render import BENTO_ANNOTATION, DeployError, Rendered, config_of, render
 
 __all__ = [
-    "DeployConfig", "DeployConfigError", "DeployError", "Rendered", "ApplyPlan", "apply", "measure_startup",
-    "parse_config", "render_bento",
+    "BENTO_ANNOTATION", "ApplyPlan", "DeployConfig", "DeployConfigError", "DeployError", "Rendered", "apply",
+    "apply_plan", "built_objects", "kubeconfig_present", "measure_startup", "parse_config", "render_bento",
 ]
 
 BENTO_IMAGE_ANNOTATION = "dev.bento_like.bento"  # what pkg containerize writes into the image's manifest
@@ -167,5 +167,3 @@ def built_objects(overlay: Path) -> str:
         raise DeployError(f"kubectl kustomize {overlay} failed: {proc.stderr.strip()}")
     return proc.stdout
 
-
-__all__ += ["BENTO_ANNOTATION", "apply_plan", "built_objects", "kubeconfig_present"]

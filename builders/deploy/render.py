@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from ...bentos import Bento, BentoManifest
+from ...bentos import Bento, BentoError, BentoManifest
 from . import kserve, kubernetes as k8s, prometheus
 from .config import DeployConfig, DeployConfigError, parse_config, with_overrides
 
@@ -36,7 +36,7 @@ STARTUP_FACTOR = 3  # the budget over the expected time: a busy node loads slowe
 MIN_STARTUP_BUDGET_S = 60
 
 
-class DeployError(Exception):
+class DeployError(BentoError):
     """The bento cannot be rendered as asked; the message says what to change."""
 
 
