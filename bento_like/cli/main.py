@@ -66,6 +66,17 @@ def cli() -> None:
     help="Serve the bento with the models in this directory (the model store's layout, e.g. a KServe modelcar's "
     "/mnt/models), checked against its manifest [$BENTO_LIKE_MODELS_DIR, or the bento's own].",
 )
+@click.option("--admin", is_flag=True, default=None,
+              help="Serve the repository API (/v2/repository/...: load, unload, index models while serving), "
+              "behind the bearer token in $BENTO_LIKE_ADMIN_TOKEN or --admin-token-file.")
+@click.option("--admin-token-file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="A file holding the repository API's bearer token.")
+@click.option("--watch-models", is_flag=True, default=None,
+              help="Swap in a new model version when a reference's tag (name:latest) resolves to one in the store "
+              "[polled every $BENTO_LIKE_WATCH_MODELS_S, or 2 s].")
+@click.option("--swap-mode", type=click.Choice(["beside", "replace"]), default=None,
+              help="Load a new model version beside the serving one (default), or release the old one first "
+              "(less memory; each instance pauses while it loads) [$BENTO_LIKE_SWAP_MODE].")
 def serve(target: str, **opts) -> None:  # type: ignore[no-untyped-def]
     """Serve TARGET: a service as file.py:Class or module:Class, or a bento (name:version or its directory)."""
     from ..sdk.api import ServiceDefinitionError
@@ -86,6 +97,10 @@ def serve(target: str, **opts) -> None:  # type: ignore[no-untyped-def]
             graceful_timeout=opts["graceful_timeout"],
             drain_delay=opts["drain_delay"],
             models=opts["models"],
+            admin=opts["admin"],
+            admin_token_file=opts["admin_token_file"],
+            watch_models=opts["watch_models"],
+            swap_mode=opts["swap_mode"],
             options=ServeOptions(
                 timeout=opts["timeout"],
                 max_concurrency=opts["max_concurrency"],

@@ -55,7 +55,11 @@ class ModelRef:
         return (store or default_store()).get(self.tag)
 
     def load(self, device: str = "cpu", store: ModelStore | None = None) -> Any:
-        return self.resolve(store).load(device=device)
+        return self.materialize(self.resolve(store), device)
+
+    def materialize(self, stored: Model, device: str = "cpu") -> Any:
+        """What the service's attribute holds for the stored version ``stored``: the loaded framework object."""
+        return stored.load(device=device)
 
     def __repr__(self) -> str:
         options = "".join(f", {key}={value!r}" for key, value in self.options.items())
@@ -95,8 +99,8 @@ class BentoModel(ModelRef):
     def __init__(self, tag: str, **options: Any) -> None:
         super().__init__(tag, options)
 
-    def load(self, device: str = "cpu", store: ModelStore | None = None) -> Any:
-        return self.resolve(store)
+    def materialize(self, stored: Model, device: str = "cpu") -> Any:
+        return stored
 
     def __repr__(self) -> str:
         return f"BentoModel({self.tag!r})"

@@ -36,6 +36,7 @@ from .instances import InstancePool
 from .metrics import Registry, publish, published
 from .openapi import SWAGGER_HTML
 from .placement import BatchPlacement, ServerLoad
+from .repository import ModelRepository, repository_routes
 from .routes import APIEndpoint
 from .task_store import TaskStore
 from .tasks import TaskRoutes
@@ -60,6 +61,7 @@ class ServeOptions:
     worker_id: str | None = None
     tuning: Tuning | None = None  # read from the environment once by `pkg serve`, and sent to every worker
     metrics_dir: str | None = None  # set by the supervisor of --workers N: where workers publish their metrics
+    control_dir: str | None = None  # set by the supervisor: where workers agree on model loads (repository.py)
     # by service key: where the separately-run dependencies listen (set by `pkg serve`, serving/dependencies.py)
     dependencies: dict[str, DependencyAddress] = field(default_factory=dict)
 
@@ -86,6 +88,12 @@ class ServerState:
         self.ready = False
         self.stopping = False  # set on SIGTERM: /readyz and bento_like_ready say not ready from then on
         self.failure: str | None = None
+        self.unavailable: str | None = None  # why the APIs answer 503 while ready was true (a model unloaded)
+        self.versioned = bool(spec.model_refs())
+        self.control_dir = options.control_dir
+        self.workers = options.workers
+        self.worker_id = options.worker_id
+        self.repository = ModelRepository(self)
         self.api_names = {entry.attr: entry.config.name for entry in spec.apis}
         self.warmups: dict[str, WarmupPlan] = {}  # by API name: the warm-ups the APIs asked for
 
@@ -96,7 +104,7 @@ class ServerState:
             log.error("%s; the server will not become ready", failure)
             return
         try:
-            await self.pool.start()
+            await self.pool.start(self.repository.initial_choice())
         except Exception as exc:
             self.failure = f"{type(exc).__name__}: {exc}"
             log.exception("building the instances of %s failed; the server will not become ready", self.spec.name)
@@ -112,6 +120,12 @@ class ServerState:
         self.ready = True
         self._publish(1)
         log.info("service %s is ready", self.spec.name)
+
+    def serving_again(self) -> None:
+        """A model was loaded after an unload: the APIs take requests again."""
+        if self.unavailable is not None:
+            self.unavailable = None
+            self.ready = True
 
     def _publish(self, value: int) -> None:
         if self.worker_status is not None:
@@ -210,6 +224,8 @@ class ServerState:
             }, 503
         if self.failure:
             return {"ready": False, "state": "failed", "error": f"startup failed: {self.failure}"}, 503
+        if self.unavailable:
+            return {"ready": False, "state": "unloaded", "error": self.unavailable}, 503
         return {"ready": False, "state": "starting",
                 "error": self.dependencies.waiting_message() or "instances are being built"}, 503
 
@@ -218,6 +234,8 @@ class ServerState:
         ready on some instance, or None."""
         for attr in self.spec.ready_hooks:
             for inst in self.pool.instances:
+                if inst.obj is None:  # its objects are being replaced (a model swap in replace mode)
+                    continue
                 hook = getattr(inst.obj, attr)
                 what = f"{attr} of instance {inst.index}"
                 try:
@@ -352,6 +370,8 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_st
     ]
     routes += [Route(ep.config.route, ep, methods=[ep.config.method]) for ep in endpoints]
     routes += v2_routes(state, endpoints)
+    if state.tuning.updates.admin:
+        routes += repository_routes(state, state.repository)
     routes += [route for task in tasks for route in task.routes()]
     # A mount at "/" comes last, so that every route of the server's own wins over it.
     for mounted in sorted(spec.asgi_apps, key=lambda m: m.path == "/"):
@@ -366,7 +386,14 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_st
         if tasks:
             tasks[0].store.open()
         sweeper = asyncio.create_task(_sweep_forever(tasks[0].store)) if tasks else None
+        updates = []
+        if state.repository.versioned and state.repository.control is not None and state.workers > 1:
+            updates.append(asyncio.create_task(state.repository.follow_control()))
+        if state.repository.versioned and state.tuning.updates.watch_s:
+            updates.append(asyncio.create_task(state.repository.watch(state.tuning.updates.watch_s)))
         yield
+        for task in updates:
+            task.cancel()
         if publisher is not None:
             publisher.cancel()
         if sweeper is not None:

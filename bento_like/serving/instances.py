@@ -13,6 +13,7 @@ import logging
 import queue
 import sys
 import threading
+from contextvars import ContextVar
 from dataclasses import dataclass
 from time import monotonic
 from typing import Any, Callable
@@ -163,6 +164,9 @@ class ThreadRunner:
                     return
             if stop:
                 return
+            # Hold nothing of these calls while waiting for the next: a bound method kept here would keep a
+            # replaced model's objects alive until this thread's next call.
+            jobs = done = job = fn = args = kwargs = fut = None  # type: ignore[assignment]
 
 
 def _deliver(done: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
@@ -175,6 +179,58 @@ def _deliver(done: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
             fut.set_exception(value)
 
 
+class Generation:
+    """The service object an instance serves with now, the stored model versions it was built with, and how
+    many calls run on it: a model swap builds a new generation beside it and releases this one once idle."""
+
+    __slots__ = ("obj", "models", "loaded", "label", "calls", "retired", "_idle", "__weakref__")
+
+    def __init__(self, obj: Any, models: dict[str, Any], loaded: dict[str, Any]) -> None:
+        self.obj = obj
+        self.models = models  # attribute -> stored model (bento_like.models.Model) it holds
+        self.loaded = loaded  # attribute -> what was loaded for it (shared with the next generation if unchanged)
+        self.label = version_label(models)
+        self.calls = 0
+        self.retired = False
+        self._idle: asyncio.Event | None = None
+
+    def enter(self) -> None:
+        self.calls += 1
+
+    def leave(self) -> None:
+        self.calls -= 1
+        if not self.calls and self._idle is not None:
+            self._idle.set()
+
+    async def idle(self) -> None:
+        """Return once no call runs on this generation (it is retired: no new call starts on it)."""
+        self.retired = True
+        if self.calls:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
+
+    def drop(self) -> None:
+        """Forget the objects, so that the last reference to the old model is gone with this generation's."""
+        self.obj = None
+        self.loaded = {}
+
+
+# The model version a request was served by, written where its call binds an instance's objects (directly or
+# in a batch) and read when its response starts: a one-item list per request of a service that has models.
+served_version: ContextVar[list[str] | None] = ContextVar("served_version", default=None)
+
+
+def record_version(label: str) -> None:
+    version = served_version.get()
+    if version is not None:
+        version[0] = label
+
+
+def version_label(models: dict[str, Any]) -> str:
+    """``iris:3f2c...`` (several models: comma-separated, in attribute order): what ``x-model-version`` says."""
+    return ", ".join(m.tag for m in models.values())
+
+
 class Instance:
     """One built object of the service class plus the objects of the services it depends on."""
 
@@ -184,10 +240,13 @@ class Instance:
         self.remotes = remotes or Dependencies(spec, None)  # without addresses: only url= dependencies are remote
         self.device = device
         self.index = index
-        self.obj: Any = None
+        self.obj: Any = None  # always self.generation.obj (read on every call, so kept as a plain attribute)
+        self.generation: Generation | None = None
+        self._resumed: asyncio.Event | None = None  # set while a replace-mode swap holds this instance
         self.in_flight = 0
         self.compute_threads = compute_threads
-        # every built object (dependencies first) with its spec, in the order their startup hooks ran
+        # the objects of the dependencies built in this process with their specs, in the order their startup
+        # hooks ran; they live as long as the instance (a model swap rebuilds only the service's own object)
         self._started: list[tuple[ServiceSpec, Any]] = []
         self.priority: PriorityPlan | None = None  # set by the pool before its threads start
         self.runner = ThreadRunner(threads, f"{spec.name}-{index}", initializer=self._request_thread_init)
@@ -211,10 +270,66 @@ class Instance:
         if torch is not None and self.device == "cpu":
             torch.set_num_threads(self.compute_threads)
 
-    def build(self) -> None:
+    def build(self, choose: dict[str, Any] | None = None) -> None:
         self.limit_threads()
-        self.obj = self._construct(self.spec)
+        self.use(self.build_generation(choose or {}))
         self.limit_threads()  # the service may have imported torch just now
+
+    def use(self, generation: Generation | None) -> None:
+        """Serve with ``generation`` from the next call on (calls that started keep the one they started on)."""
+        self.generation = generation
+        self.obj = generation.obj if generation is not None else None
+
+    def pause(self) -> None:
+        """Take no new direct call until ``resume`` (a replace-mode swap releases the objects first)."""
+        self._resumed = asyncio.Event()
+        self.obj = None
+
+    def resume(self) -> None:
+        resumed, self._resumed = self._resumed, None
+        if resumed is not None:
+            resumed.set()
+
+    async def serving(self) -> Generation:
+        """The generation a call starts on now, once one serves (while paused, after the swap)."""
+        while self._resumed is not None:
+            await self._resumed.wait()
+        assert self.generation is not None and self.obj is not None, "no model is loaded"
+        return self.generation
+
+    def build_generation(self, choose: dict[str, Any], reuse: Generation | None = None) -> Generation:
+        """A new object of the service class, its ``__init__`` run: the attributes in ``choose`` get those stored
+        versions, the others what ``reuse`` holds (the same loaded objects) or what their reference resolves to.
+        The dependencies' objects are built the first time and shared by every later generation."""
+        from ..sdk.model_ref import model_refs
+
+        spec = self.spec
+        obj = spec.cls.__new__(spec.cls)
+        obj.__dict__["device"] = self.device
+        for attr, dep in spec.dependencies.items():
+            if reuse is not None and reuse.obj is not None and attr in reuse.obj.__dict__:
+                obj.__dict__[attr] = reuse.obj.__dict__[attr]
+            else:
+                obj.__dict__[attr] = self._dependency(dep)
+        models: dict[str, Any] = {}
+        loaded: dict[str, Any] = {}
+        for attr, ref in model_refs(spec.cls).items():
+            stored = choose.get(attr)
+            if stored is None and reuse is not None and attr in reuse.loaded:
+                models[attr], loaded[attr] = reuse.models[attr], reuse.loaded[attr]
+            else:
+                models[attr] = stored = stored or ref.resolve()
+                loaded[attr] = ref.materialize(stored, self.device)
+            obj.__dict__[attr] = loaded[attr]
+        obj.__init__()
+        return Generation(obj, models, loaded)
+
+    def _dependency(self, dep: Any) -> Any:
+        # a client when the dependency runs as its own server (or lives at a URL), else built here
+        value = self.remotes.client(dep)
+        if value is None:
+            value = local_object(self._construct(get_spec(dep.target)))
+        return value if dep.mode is None else getattr(value, f"to_{dep.mode}")
 
     def _construct(self, spec: ServiceSpec) -> Any:
         from ..sdk.model_ref import model_refs
@@ -222,19 +337,20 @@ class Instance:
         obj = spec.cls.__new__(spec.cls)
         obj.__dict__["device"] = self.device
         for attr, dep in spec.dependencies.items():
-            # a client when the dependency runs as its own server (or lives at a URL), else built here
-            value = self.remotes.client(dep)
-            if value is None:
-                value = local_object(self._construct(get_spec(dep.target)))
-            obj.__dict__[attr] = value if dep.mode is None else getattr(value, f"to_{dep.mode}")
+            obj.__dict__[attr] = self._dependency(dep)
         for attr, ref in model_refs(spec.cls).items():
             obj.__dict__[attr] = ref.load(device=self.device)
         obj.__init__()
         self._started.append((spec, obj))
         return obj
 
-    async def run_hooks(self, kind: str) -> None:
-        order = self._started if kind == "startup" else list(reversed(self._started))
+    async def run_hooks(self, kind: str, generation: Generation | None = None, dependencies: bool = True) -> None:
+        """The startup or shutdown hooks: the dependencies' first (startup) or last (shutdown), and the
+        service's own object's (``generation``'s, by default the one serving)."""
+        generation = generation or self.generation
+        own = [(self.spec, generation.obj)] if generation is not None and generation.obj is not None else []
+        deps = self._started if dependencies else []
+        order = deps + own if kind == "startup" else own + list(reversed(deps))
         for spec, obj in order:
             for attr in spec.startup_hooks if kind == "startup" else spec.shutdown_hooks:
                 hook = getattr(obj, attr)
@@ -299,7 +415,9 @@ class InstancePool:
         assert self._idle is not None
         self._idle.put_nowait(instance)
 
-    async def start(self) -> None:
+    async def start(self, choose: dict[str, Any] | None = None) -> None:
+        """Start the threads and build every instance (``choose``: stored versions for some model attributes,
+        the ones an earlier worker was switched to)."""
         loop = asyncio.get_running_loop()
         apply_switch_interval(self.tuning.switch_interval_ms)
         # Only a service with batched APIs has batch threads worth favouring.
@@ -315,7 +433,7 @@ class InstancePool:
             inst.runner.start(loop)
         for inst in self.instances:
             # __init__ may load large models: keep the event loop free to answer /livez meanwhile.
-            await loop.run_in_executor(None, inst.build)
+            await loop.run_in_executor(None, inst.build, choose)
             await inst.run_hooks("startup")
             log.info("instance of %s ready on %s", self.spec.name, inst.device)
 

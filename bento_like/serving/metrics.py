@@ -22,7 +22,8 @@ LATENCY_BUCKETS = (
 
 
 def _labels(names: tuple[str, ...], values: tuple[str, ...], extra: str = "") -> str:
-    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values)]
+    # an empty value is no label to Prometheus: left out (a service without models has no model version)
+    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values) if v != ""]
     if extra:
         parts.append(extra)
     return "{" + ",".join(parts) + "}" if parts else ""
@@ -108,13 +109,14 @@ class Registry:
         self.const = tuple(sorted((const_labels or {}).items()))
         self.metrics: list[Counter | Histogram] = []
         self.requests = self.add(
-            Counter("bento_like_requests_total", "HTTP requests answered, by API and status code", ("api", "status"))
+            Counter("bento_like_requests_total", "HTTP requests answered, by API, status code and model version",
+                    ("api", "status", "version"))
         )
         self.latency = self.add(
             Histogram(
                 "bento_like_request_duration_seconds",
-                "Time from request start to response, by API and status code",
-                ("api", "status"),
+                "Time from request start to response, by API, status code and model version",
+                ("api", "status", "version"),
             )
         )
         self.in_flight = self.add(Gauge("bento_like_requests_in_flight", "Requests being handled now, by API", ("api",)))

@@ -33,6 +33,7 @@ from .codecs import (
 )
 from .deadlines import ClientGone
 from .errors import HTTPError, too_many_requests, unavailable
+from .instances import record_version, served_version
 from .io_types import result_encoder
 from .placement import DirectPlacement, Where
 
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("bento_like.serving")
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[int]]
+VERSION_HEADER = b"x-model-version"
 
 class APIEndpoint:
     """ASGI app for ``POST <route>`` of one API."""
@@ -63,7 +65,9 @@ class APIEndpoint:
         self.batcher: Batcher | None = None  # set by the app for batchable APIs
         self.placement = DirectPlacement(state.tuning.placement, self.is_async)
         self.in_flight = 0
-        self._status_labels: dict[int, tuple[str, str]] = {}
+        self._status_labels: dict[tuple[int, str], tuple[str, str, str]] = {}
+        self.versioned = state.versioned  # the service has models: responses say which version answered
+        self.last_input: dict[str, Any] | None = None  # a served input: what a model swap checks a new version on
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.serve(scope, receive, send, self._handle)
@@ -76,6 +80,11 @@ class APIEndpoint:
         state = self.state
         started = time.perf_counter()
         status = 500
+        version = None
+        if self.versioned:
+            version = [""]
+            served_version.set(version)  # this request's own context (each ASGI request runs in its task)
+            send = _with_version(send, version)
         state.load.enter()
         self.in_flight += 1
         try:
@@ -103,9 +112,10 @@ class APIEndpoint:
         finally:
             state.load.leave()
             self.in_flight -= 1
-            labels = self._status_labels.get(status)
+            key = (status, version[0] if version is not None else "")
+            labels = self._status_labels.get(key)
             if labels is None:
-                labels = self._status_labels[status] = (self.name, str(status))
+                labels = self._status_labels[key] = (self.name, str(status), key[1])
             state.metrics.requests.inc(labels)
             state.metrics.latency.observe(labels, time.perf_counter() - started)
 
@@ -113,6 +123,8 @@ class APIEndpoint:
         """Refuse at once what cannot be taken now: not ready, or over the concurrency or queue limits."""
         state = self.state
         if not state.ready:
+            if state.unavailable:
+                raise unavailable(state.unavailable, 5)
             if state.failure:
                 raise HTTPError(503, f"service {state.spec.name!r} failed to start: {state.failure}")
             raise unavailable(f"service {state.spec.name!r} is starting: its instances are not ready yet", 1)
@@ -173,7 +185,13 @@ class APIEndpoint:
                    ctx: Context | None) -> int:
         if self.is_gen or self.is_async_gen:
             instance = self.state.pool.pick()
-            return await self._stream(send, instance, getattr(instance.obj, self.attr), kwargs, ctx)
+            gen = await instance.serving()
+            record_version(gen.label)
+            gen.enter()
+            try:
+                return await self._stream(send, instance, getattr(gen.obj, self.attr), kwargs, ctx)
+            finally:
+                gen.leave()
         result = await self.invoke(kwargs, timeout, receive)
         return await self._respond(scope, receive, send, result, ctx)
 
@@ -199,11 +217,17 @@ class APIEndpoint:
 
     async def invoke(self, kwargs: dict[str, Any], timeout: float, receive: Receive | None = None) -> Any:
         """Run the API on decoded arguments: through its batcher, or on an instance directly."""
+        self.last_input = kwargs
         if self.batcher is not None:
             return await self._batched(receive, kwargs, timeout)
         state = self.state
         instance = state.pool.pick()
-        method = getattr(instance.obj, self.attr)
+        gen = instance.generation
+        if instance.obj is None or gen is None:  # a replace-mode model swap holds the instance
+            gen = await instance.serving()
+        method = getattr(gen.obj, self.attr)
+        if self.versioned:
+            record_version(gen.label)
         placement = self.placement
         where = placement.where(instance.in_flight)
         if where is Where.LOOP and not self.is_async:
@@ -219,12 +243,14 @@ class APIEndpoint:
         else:
             call = instance.runner.submit(method, **kwargs)
         instance.in_flight += 1
+        gen.enter()
         try:
             return await state.watchdog.run(call, timeout, receive)
         except TimeoutError:
             raise _timed_out(self.name, timeout) from None
         finally:
             instance.in_flight -= 1
+            gen.leave()
 
     def _timed(self, method: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
         """Run a sync call (inline, or on an instance thread), timing the call itself, not any hand-off."""
@@ -308,6 +334,17 @@ class APIEndpoint:
             await send({"type": "http.response.body", "body": event, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
         return status
+
+
+def _with_version(send: Send, version: list[str]) -> Send:
+    """``send`` with the ``x-model-version`` header added to the response's start, once a call recorded it."""
+
+    async def sending(message: Any) -> None:
+        if message["type"] == "http.response.start" and version[0]:
+            message["headers"] = [*message.get("headers", ()), (VERSION_HEADER, version[0].encode())]
+        await send(message)
+
+    return sending
 
 
 _REFUSALS = {429: "overload", 503: "not_ready", 504: "timeout"}

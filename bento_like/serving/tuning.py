@@ -169,11 +169,42 @@ class TaskTuning(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return os.path.join(os.path.expanduser(root), service, "tasks")
 
 
+class UpdateTuning(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How the models of a running server are changed (serving/repository.py, docs/updates.md)."""
+
+    admin: bool = False
+    """``BENTO_LIKE_ADMIN`` (``pkg serve --admin``): serve the repository API (``/v2/repository/...``: load,
+    unload, index), which needs ``admin_token``."""
+    admin_token: str = ""
+    """``BENTO_LIKE_ADMIN_TOKEN``: the bearer token every repository API call must carry (never logged)."""
+    watch_s: float = 0.0
+    """``BENTO_LIKE_WATCH_MODELS_S`` (``pkg serve --watch-models``): how often the model store is polled for a
+    new version of a ``name:latest`` (or other tag) reference, swapped in when found; 0: not watched."""
+    swap_mode: str = "beside"
+    """``BENTO_LIKE_SWAP_MODE`` (``pkg serve --swap-mode``): ``beside`` loads a new version next to the serving
+    one (refused when the device's memory cannot hold both); ``replace`` releases the old one first, a short
+    pause in serving on each instance in turn."""
+
+    def __post_init__(self) -> None:
+        _at_least(self, 0.0, "watch_s")
+        if self.swap_mode not in ("beside", "replace"):
+            raise ValueError(f"swap_mode must be 'beside' or 'replace', got {self.swap_mode!r}")
+        if self.admin and not self.admin_token:
+            raise ValueError("admin needs a token: set BENTO_LIKE_ADMIN_TOKEN (the repository API changes what "
+                             "is served; it is never open to anyone who can reach the port)")
+
+    def __repr__(self) -> str:  # the token stays out of logs and tracebacks
+        token = "'***'" if self.admin_token else "''"
+        return (f"UpdateTuning(admin={self.admin!r}, admin_token={token}, watch_s={self.watch_s!r}, "
+                f"swap_mode={self.swap_mode!r})")
+
+
 class Tuning(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     batching: BatchTuning = msgspec.field(default_factory=BatchTuning)
     placement: PlacementTuning = msgspec.field(default_factory=PlacementTuning)
     http: HTTPTuning = msgspec.field(default_factory=HTTPTuning)
     tasks: TaskTuning = msgspec.field(default_factory=TaskTuning)
+    updates: UpdateTuning = msgspec.field(default_factory=UpdateTuning)
     batch_priority: int = 10
     """``BENTO_LIKE_BATCH_PRIORITY``: nice steps batch threads get above the process's other threads (0: off)."""
     switch_interval_ms: float = 1.0
@@ -203,7 +234,7 @@ class Tuning(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         """The defaults, with the ``BENTO_LIKE_`` knobs set in ``environ`` (``os.environ`` by default); a bad
         value raises ValueError naming the variable and what it takes."""
         env = os.environ if environ is None else environ
-        parts: dict[str, dict[str, Any]] = {"placement": {}, "http": {}, "tasks": {}, "top": {}}
+        parts: dict[str, dict[str, Any]] = {"placement": {}, "http": {}, "tasks": {}, "updates": {}, "top": {}}
         if env.get(KUBERNETES_ENV):  # every pod has it; the explicit knob below still wins
             parts["http"]["drain_s"] = KUBERNETES_DRAIN_S
         for name, (target, field, parse, what) in _KNOBS.items():
@@ -217,7 +248,8 @@ class Tuning(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             parts[target][field] = value
         try:
             placement, http = PlacementTuning(**parts["placement"]), HTTPTuning(**parts["http"])
-            return cls(placement=placement, http=http, tasks=TaskTuning(**parts["tasks"]), **parts["top"])
+            return cls(placement=placement, http=http, tasks=TaskTuning(**parts["tasks"]),
+                       updates=UpdateTuning(**parts["updates"]), **parts["top"])
         except ValueError as exc:
             names = {field: ENV_PREFIX + name for name, (_, field, _, _) in _KNOBS.items()}
             message = str(exc)
@@ -225,6 +257,13 @@ class Tuning(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 if message.startswith(field + " "):
                     message = env_name + message[len(field):]
             raise SettingsError(message) from None
+
+
+def _flag(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value not in ("1", "0", "true", "false", "yes", "no"):
+        raise ValueError(raw)
+    return value in ("1", "true", "yes")
 
 
 def _finite(raw: str) -> float:
@@ -252,6 +291,10 @@ _KNOBS: dict[str, tuple[str, str, Any, str]] = {
     "DEPENDENCY_START_S": ("top", "dependency_start_s", _finite, "a number of seconds"),
     "MODELS_DIR": ("top", "models_dir", str, "a directory"),
     "MODELS_WAIT_S": ("top", "models_wait_s", _finite, "a number of seconds"),
+    "ADMIN": ("updates", "admin", _flag, "1 or 0"),
+    "ADMIN_TOKEN": ("updates", "admin_token", str, "a token"),
+    "WATCH_MODELS_S": ("updates", "watch_s", _finite, "a number of seconds"),
+    "SWAP_MODE": ("updates", "swap_mode", str, "beside or replace"),
 }
 
 

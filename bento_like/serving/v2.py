@@ -316,6 +316,14 @@ def v2_routes(state: ServerState, endpoints: list[APIEndpoint]) -> list[Route]:
         return JSONResponse(_find(models, request.path_params).metadata())
 
     async def model_ready(request: Request) -> Response:
+        name, version = request.path_params["model"], request.path_params.get("version")
+        slot = state.repository.slots.get(name)
+        if name not in models and slot is not None:  # a stored model the service uses: ready per version
+            serving = state.repository.serving(slot)
+            fine = state.repository.version_ready(name, version) if version is not None else slot.state == "READY"
+            status = 200 if fine and await ready() else 503
+            return JSONResponse({"name": name, "version": version or (serving[0] if serving else ""),
+                                 "state": slot.state, "serving": serving, "ready": status == 200}, status)
         _find(models, request.path_params)
         return Response(status_code=200 if await ready() else 503)
 

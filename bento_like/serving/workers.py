@@ -44,7 +44,7 @@ from ..sdk.loader import load_service
 from ..sdk.service import ServiceSpec, separate_services
 from .app import ServeOptions, create_app, run_deployment_hooks
 from .dependencies import DependencyProcesses
-from .tuning import Tuning, from_reloader, hand_to_reloaded, knob
+from .tuning import Tuning, UpdateTuning, from_reloader, hand_to_reloaded, knob
 
 if TYPE_CHECKING:
     from ..bentos import Bento
@@ -70,6 +70,10 @@ def serve(
     options: ServeOptions | None = None,
     drain_delay: float | None = None,
     models: str | None = None,
+    admin: bool | None = None,
+    admin_token_file: str | None = None,
+    watch_models: bool | None = None,
+    swap_mode: str | None = None,
 ) -> None:
     working_dir = str(Path(working_dir or os.getcwd()).resolve())
     # The runtime's settings are read from the environment here, once, and sent to every worker.
@@ -79,6 +83,7 @@ def serve(
         tuning = msgspec.structs.replace(tuning, http=msgspec.structs.replace(tuning.http, drain_s=float(drain_delay)))
     if models is not None:  # --models wins over BENTO_LIKE_MODELS_DIR
         tuning = msgspec.structs.replace(tuning, models_dir=models)
+    tuning = _model_updates(tuning, admin, admin_token_file, watch_models, swap_mode)
     options = dataclasses.replace(options, tuning=tuning)
     _configure_logging(log_level)
     where, not_a_bento = _resolve_bento(target, working_dir, tuning)
@@ -107,6 +112,31 @@ def serve(
         dependencies.stop()
     if dependencies.failure:
         raise ServeError(dependencies.failure)
+
+
+WATCH_DEFAULT_S = 2.0
+
+
+def _model_updates(tuning: Tuning, admin: bool | None, token_file: str | None, watch: bool | None,
+                   swap_mode: str | None) -> Tuning:
+    """The flags of model updates over their environment variables (flags win)."""
+    updates = tuning.updates
+    token = updates.admin_token
+    if token_file is not None:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise ServeError(f"cannot read --admin-token-file {token_file}: {exc.strerror}") from None
+    try:
+        updates = UpdateTuning(
+            admin=updates.admin if admin is None else admin,
+            admin_token=token,
+            watch_s=(updates.watch_s or WATCH_DEFAULT_S) if watch else updates.watch_s,
+            swap_mode=swap_mode or updates.swap_mode,
+        )
+    except ValueError as exc:
+        raise ServeError(f"--admin: {exc}".replace("admin needs", "it needs")) from None
+    return msgspec.structs.replace(tuning, updates=updates)
 
 
 def _server_args(log_level: str, access_log: bool, graceful_timeout: float, tuning: Tuning) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from bento_like._fidelity import argmax_agreement, cosine, max_abs
 from bento_like.models import Model, TensorSpec
 from bento_like.sdk.opt import Gate, bound
 
@@ -64,27 +65,6 @@ def _rows(inputs: dict[str, np.ndarray]) -> int:
     return len(next(iter(inputs.values()))) if inputs else 0
 
 
-def _flat(array: np.ndarray) -> np.ndarray:
-    return np.asarray(array, dtype=np.float64).reshape(len(array), -1)
-
-
-def cosine(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
-    """Per-row cosine similarity over the flattened output; rows that are zero in both count as 1."""
-    a, b = _flat(reference), _flat(candidate)
-    dot = (a * b).sum(axis=1)
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    both_zero = (np.linalg.norm(a, axis=1) == 0) & (np.linalg.norm(b, axis=1) == 0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        result = np.where(norms > 0, dot / np.where(norms > 0, norms, 1), 0.0)
-    return np.where(both_zero, 1.0, result)
-
-
-def argmax_agreement(reference: np.ndarray, candidate: np.ndarray) -> float | None:
-    if reference.ndim < 2 or reference.shape[-1] < 2:
-        return None
-    return float((reference.argmax(axis=-1) == candidate.argmax(axis=-1)).mean())
-
-
 def compare(reference: list[np.ndarray], candidate: list[np.ndarray], gate: Gate, output: int) -> Fidelity:
     """Every built-in metric on output `output`, and the gate's verdict on its own metric."""
     if len(candidate) != len(reference):
@@ -94,14 +74,14 @@ def compare(reference: list[np.ndarray], candidate: list[np.ndarray], gate: Gate
         raise OptimizeError(f"output {output}: the optimized model returns shape {cand.shape}, its source {ref.shape}")
     finite = np.isfinite(cand).all()
     cos = cosine(ref, cand) if finite else np.zeros(len(ref))
-    max_abs = float(np.abs(ref.astype(np.float64) - cand.astype(np.float64)).max()) if finite else float("inf")
+    largest = max_abs(ref, cand) if finite else float("inf")
     agreement = argmax_agreement(ref, cand)
     which, threshold = bound(gate)
     metric = gate.metric
     if metric == "cosine":
         value = float(cos.mean() if gate.reduce == "mean" else cos.min())
     elif metric == "max_abs":
-        value = max_abs
+        value = largest
     elif metric == "argmax":
         if agreement is None:
             raise OptimizeError(f"gate metric 'argmax' needs an output with a last axis of 2 or more; output {output} has shape {ref.shape}")
@@ -111,7 +91,7 @@ def compare(reference: list[np.ndarray], candidate: list[np.ndarray], gate: Gate
     passed = bool(value >= threshold if which == "min" else value <= threshold) and bool(np.isfinite(value))
     return Fidelity(
         metric=metric_name(gate), value=value, bound=which, threshold=threshold, passed=passed, rows=len(ref),
-        cosine_mean=float(cos.mean()), cosine_min=float(cos.min()), max_abs=max_abs, argmax=agreement,
+        cosine_mean=float(cos.mean()), cosine_min=float(cos.min()), max_abs=largest, argmax=agreement,
     )
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from ...sdk.api import APIConfig
 from ..errors import HTTPError, too_many_requests
-from ..instances import Instance, InstancePool
+from ..instances import Instance, InstancePool, record_version
 from ..placement import BatchPlacement, Where
 from ..tuning import BatchTuning
 from .estimators import anchor_sizes
@@ -133,7 +133,9 @@ class Batcher:
             self.pool.release(instance)
             self.policy.answered(items, clock())
             self._arrived.set()
-        return await pending.future
+        result = await pending.future
+        record_version(pending.version)
+        return result
 
     async def _enqueue(self, value: Any, items: int, arrival: float, deadline: float) -> Any:
         pending = Pending(value, items, asyncio.get_running_loop().create_future(), arrival, deadline)
@@ -144,7 +146,9 @@ class Batcher:
         if self._feeders and self.q.queued_items >= self.policy.full_batch():
             self._wake_feeder()
         try:
-            return await pending.future
+            result = await pending.future
+            record_version(pending.version)
+            return result
         finally:
             if not pending.dead:  # still queued: its deadline passed or its client went away
                 self._forget(pending)

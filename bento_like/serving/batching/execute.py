@@ -13,7 +13,7 @@ import numpy as np
 
 from ...sdk.api import APIConfig
 from ..errors import HTTPError
-from ..instances import Instance
+from ..instances import Generation, Instance
 from ..metrics import Registry
 
 log = logging.getLogger("bento_like.serving")
@@ -22,7 +22,7 @@ log = logging.getLogger("bento_like.serving")
 class Pending:
     """One queued request: its input, its item count, the future its answer goes to."""
 
-    __slots__ = ("value", "items", "future", "arrival", "deadline", "dead")
+    __slots__ = ("value", "items", "future", "arrival", "deadline", "dead", "version")
 
     def __init__(self, value: Any, items: int, future: asyncio.Future[Any], arrival: float, deadline: float) -> None:
         self.value = value
@@ -31,6 +31,7 @@ class Pending:
         self.arrival = arrival
         self.deadline = deadline
         self.dead = False  # taken off the queue's books (run, expired or abandoned)
+        self.version = ""  # the model version of the batch it ran in
 
 
 class Lane:
@@ -93,9 +94,14 @@ class BatchRunner:
             return
         sizes = [p.items for p in live]
         total = sum(sizes)
+        # The objects this batch runs on, bound now: a model swap from here on changes the next batch, not this one.
+        gen = instance.generation
+        if gen is None or instance.obj is None:  # a replace-mode swap holds the instance
+            gen = await instance.serving()
+        gen.enter()
         try:
             inputs = live[0].value if len(live) == 1 else concat([p.value for p in live], self.in_dim)
-            result, seconds = await self.call(instance, inputs, on_loop, lane, number)
+            result, seconds = await self.call(instance, inputs, on_loop, lane, number, gen)
             parts = self.split(result, sizes)
         except Exception as exc:
             if len(live) == 1:
@@ -106,16 +112,21 @@ class BatchRunner:
             await self.execute(instance, live[:mid], on_loop)
             await self.execute(instance, live[mid:], on_loop)
             return
+        finally:
+            gen.leave()
         self.observe(total, seconds, on_loop)
         self.metrics.executed(total, seconds)
+        label = gen.label
         for p, part in zip(live, parts):
             if not p.future.done():
+                p.version = label
                 p.future.set_result(part)
 
     def call(self, instance: Instance, inputs: Any, on_loop: bool = False, lane: Lane | None = None,
-             number: int = 0) -> Awaitable[tuple[Any, float]]:
-        """The result of the method on ``inputs`` and the seconds it took, as an awaitable."""
-        method = getattr(instance.obj, self.attr)
+             number: int = 0, generation: Generation | None = None) -> Awaitable[tuple[Any, float]]:
+        """The result of the method (of ``generation``'s object, by default the one serving) on ``inputs`` and
+        the seconds it took, as an awaitable."""
+        method = getattr(generation.obj if generation is not None else instance.obj, self.attr)
         if self.is_async:
             if lane is not None:  # it runs here and now: nothing of it waits on a thread
                 lane.started = max(lane.started, number + 1)
