@@ -389,7 +389,8 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_st
         updates = []
         if state.repository.versioned and state.repository.control is not None and state.workers > 1:
             updates.append(asyncio.create_task(state.repository.follow_control()))
-        if state.repository.versioned and state.tuning.updates.watch_s:
+        # one watcher per server: with several workers, worker 0's loads reach every worker
+        if state.repository.versioned and state.tuning.updates.watch_s and options.worker_id in (None, "0"):
             updates.append(asyncio.create_task(state.repository.watch(state.tuning.updates.watch_s)))
         yield
         for task in updates:

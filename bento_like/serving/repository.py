@@ -113,6 +113,7 @@ class Operation:
     version: str | None = None
     quality: dict[str, Any] | None = None
     expected: int = 1  # how many workers must prepare it
+    pin: bool = True  # keep this version until the next load (the watcher's loads keep following the tag)
 
     def encode(self) -> bytes:
         return json.dumps(self.__dict__).encode()
@@ -203,7 +204,8 @@ class ModelRepository:
 
     # -- operations -----------------------------------------------------------------------------------------
 
-    async def request(self, kind: str, name: str, version: str | None, quality: Any) -> dict[str, Any]:
+    async def request(self, kind: str, name: str, version: str | None, quality: Any,
+                      pin: bool = True) -> dict[str, Any]:
         """Run a load or unload asked for over the API: here only, or in every worker (``--workers N``)."""
         if name not in self.slots:
             known = ", ".join(sorted(self.slots)) or "none"
@@ -211,7 +213,7 @@ class ModelRepository:
         if version is not None and not isinstance(version, str):
             raise LoadFailed(f"parameters.version must be a string such as '{name}:<version>', got {version!r}")
         Check.parse(quality)  # a bad one is refused before any worker starts
-        op = Operation(uuid.uuid4().hex[:12], kind, name, version, quality, self.workers)
+        op = Operation(uuid.uuid4().hex[:12], kind, name, version, quality, self.workers, pin)
         if self.control is None or self.workers <= 1:
             return await self.run(op)
         return await self._coordinate(op)
@@ -265,7 +267,7 @@ class ModelRepository:
             await self._replace(prepared)
         else:
             self._swap(prepared)
-        slot.pinned = prepared.stored.version
+        slot.pinned = prepared.stored.version if op.pin else None
         self._write_pins()
         return self._answer(slot, "loaded")
 
@@ -562,9 +564,7 @@ class ModelRepository:
                     continue
                 log.info("model %s: %s now resolves to %s; loading it", slot.name, slot.ref.tag, stored.version)
                 try:
-                    await self.request("load", slot.name, stored.version, None)
-                    slot.pinned = None  # still following the tag
-                    self._write_pins()
+                    await self.request("load", slot.name, stored.version, None, pin=False)
                 except LoadFailed as exc:
                     failed[slot.name] = stored.version
                     slot.reason = str(exc)
