@@ -13,6 +13,7 @@ import logging
 import queue
 import sys
 import threading
+import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass
 from time import monotonic
@@ -209,10 +210,18 @@ class Generation:
             self._idle = asyncio.Event()
             await self._idle.wait()
 
-    def drop(self) -> None:
-        """Forget the objects, so that the last reference to the old model is gone with this generation's."""
+    def drop(self) -> list[Any]:
+        """Forget the objects, so that the last reference to the old model is gone with this generation's;
+        returns weak references to them, to tell whether they were freed."""
+        refs = []
+        for value in (self.obj, *self.loaded.values()):
+            try:
+                refs.append(weakref.ref(value))
+            except TypeError:  # no weak reference to it (a builtin type): nothing to tell
+                pass
         self.obj = None
         self.loaded = {}
+        return refs
 
 
 # The model version a request was served by, written where its call binds an instance's objects (directly or

@@ -27,6 +27,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -376,14 +377,15 @@ class ModelRepository:
         asyncio.get_running_loop().create_task(self._release(old))
 
     async def _release(self, old: list[tuple[Any, Generation]]) -> None:
+        refs: list[Any] = []
         for inst, gen in old:
             await gen.idle()
             try:
                 await inst.run_hooks("shutdown", gen, dependencies=False)
             except Exception:
                 log.exception("a shutdown hook of the replaced %s object failed", self.state.spec.name)
-            gen.drop()
-        _collect()
+            refs += gen.drop()
+        _collect(refs)
 
     async def _replace(self, prepared: _Prepared) -> None:
         """Replace mode: per instance, take it out of service (it finishes its batch), release its objects, load
@@ -394,33 +396,52 @@ class ModelRepository:
         pool = self.state.pool
         choose = {attr: stored for attr in slot.attrs}
         slot.state = LOADING
-        for inst in pool.instances:
-            await pool.acquire(self)
-            old = inst.generation
+        todo = list(pool.instances)
+        while todo:
+            # the pool hands out whichever instance is idle first: one already replaced is held aside
+            # (not handed out again) until the next is done
+            inst = await pool.acquire(self)
+            held = [inst]
+            while inst not in todo:
+                inst = await pool.acquire(self)
+                held.append(inst)
+            todo.remove(inst)
             try:
-                assert old is not None
-                inst.pause()
-                await old.idle()
-                await inst.run_hooks("shutdown", old, dependencies=False)
-                back = {attr: old.models[attr] for attr in slot.attrs}
-                shared = Generation(None, old.models, {a: v for a, v in old.loaded.items() if a not in slot.attrs})
-                old.drop()
-                _collect()
-                try:
-                    gen = await loop.run_in_executor(None, inst.build_generation, choose, shared)
-                    await inst.run_hooks("startup", gen, dependencies=False)
-                except Exception as exc:
-                    gen = await loop.run_in_executor(None, inst.build_generation, back, shared)
-                    await inst.run_hooks("startup", gen, dependencies=False)
-                    inst.use(gen)
-                    slot.state = READY
-                    raise LoadFailed(_reason(stored, exc)) from None
-                inst.use(gen)
+                await self._replace_one(inst, slot, stored, choose, loop)
             finally:
-                inst.resume()
-                pool.release(inst)
+                for each in held:
+                    pool.release(each)
         slot.state = READY
         log.info("model %s now serves %s (replaced in place)", slot.name, stored.tag)
+
+    async def _replace_one(self, inst: Any, slot: Slot, stored: Model, choose: dict[str, Any],
+                           loop: asyncio.AbstractEventLoop) -> None:
+        old = inst.generation
+        assert old is not None
+        inst.pause()
+        try:
+            await old.idle()
+            await inst.run_hooks("shutdown", old, dependencies=False)
+            back = {attr: old.models[attr] for attr in slot.attrs}
+            # what the new objects share with the old: the other models, and the dependencies' objects
+            deps = SimpleNamespace(**{a: old.obj.__dict__[a] for a in self.state.spec.dependencies
+                                      if a in old.obj.__dict__})
+            shared = Generation(deps, old.models, {a: v for a, v in old.loaded.items() if a not in slot.attrs})
+            refs = old.drop()
+            del old
+            _collect([ref for ref in refs if ref() is not None and not _shared(ref(), shared)])
+            try:
+                gen = await loop.run_in_executor(None, inst.build_generation, choose, shared)
+                await inst.run_hooks("startup", gen, dependencies=False)
+            except Exception as exc:
+                gen = await loop.run_in_executor(None, inst.build_generation, back, shared)
+                await inst.run_hooks("startup", gen, dependencies=False)
+                inst.use(gen)
+                slot.state = READY
+                raise LoadFailed(_reason(stored, exc)) from None
+            inst.use(gen)
+        finally:
+            inst.resume()
 
     async def _unload(self, slot: Slot) -> None:
         """Stop taking requests, let those accepted finish, then release every instance's objects."""
@@ -429,6 +450,7 @@ class ModelRepository:
         state.unavailable = (f"model {slot.name!r} is unloaded; POST /v2/repository/models/{slot.name}/load "
                              "loads it again")
         state.ready = False
+        refs: list[Any] = []
         deadline = time.monotonic() + state.timeout
         while state.load.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -441,20 +463,22 @@ class ModelRepository:
                     await inst.run_hooks("shutdown", gen, dependencies=False)
                 except Exception:
                     log.exception("a shutdown hook of %s failed while unloading", state.spec.name)
-                gen.drop()
+                refs += gen.drop()
+            gen = None
         slot.state, slot.reason = UNAVAILABLE, "unloaded"
-        _collect()
+        _collect(refs)
         log.info("model %s unloaded: the service's APIs answer 503 until it is loaded again", slot.name)
 
     async def _discard(self, prepared: _Prepared) -> None:
+        refs: list[Any] = []
         for inst, gen in zip(self.state.pool.instances, prepared.generations):
             try:
                 await inst.run_hooks("shutdown", gen, dependencies=False)
             except Exception:
                 log.exception("a shutdown hook of a discarded %s object failed", self.state.spec.name)
-            gen.drop()
+            refs += gen.drop()
         prepared.generations.clear()
-        _collect()
+        _collect(refs)
 
     # -- several workers ------------------------------------------------------------------------------------
 
@@ -583,6 +607,8 @@ def example_input(state: ServerState, ep: APIEndpoint) -> dict[str, Any] | None:
             return kwargs
         except Exception:  # noqa: BLE001 - fall back to a served input
             log.debug("no warm-up input for %r", ep.name, exc_info=True)
+    if ep.context is not None or (ep.codec.rich is not None and ep.codec.rich.paths):
+        return None  # its request context and its uploaded files were released with its response
     return ep.last_input
 
 
@@ -674,6 +700,10 @@ def _valid_tag(tag: str) -> bool:
     return True
 
 
+def _shared(value: Any, generation: Generation) -> bool:
+    return any(value is kept for kept in generation.loaded.values())
+
+
 def _mib(size: int) -> str:
     return f"{size / 2**20:.0f} MiB"
 
@@ -691,12 +721,17 @@ def _write(path: Path, data: bytes) -> None:
     os.replace(scratch, path)
 
 
-def _collect() -> None:
-    """Free the released objects now. Startup froze the heap (app._freeze_heap) so the collector skips it;
-    objects of the old version in reference cycles would stay frozen forever: thaw, collect, freeze again."""
-    gc.unfreeze()
+def _collect(refs: list[Any]) -> None:
+    """Free the released objects now. Most are freed as their last reference goes; those in reference cycles
+    need the collector, and those made before startup froze the heap (app._freeze_heap) are out of its reach
+    unless the heap is thawed: a full collection of the whole heap, a pause of the event loop, paid only then."""
+    if all(ref() is None for ref in refs):
+        return
     gc.collect()
-    gc.freeze()
+    if any(ref() is not None for ref in refs) and gc.get_freeze_count():
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
 
 
 def free_memory(device: str) -> int | None:
