@@ -356,11 +356,11 @@ class ModelRepository:
                 if i or old_gen is None or old_gen.obj is None:
                     continue
                 old = await _call(ep, inst, old_gen, kwargs)
-                problem = _compare(old, new)
-                if problem:
+                was, now = _structure(old), _structure(new)
+                if was != now:
                     assert prepared.stored is not None
-                    raise LoadFailed(f"API {ep.name!r} answers {problem} with {prepared.stored.tag} than with the "
-                                     f"serving {old_gen.label} on the same input")
+                    raise LoadFailed(f"API {ep.name!r} answers {_show(now)} with {prepared.stored.tag}, and "
+                                     f"{_show(was)} with the serving {old_gen.label}, on the same input")
                 if check is not None:
                     _quality(ep.name, check, old, new)
 
@@ -631,13 +631,6 @@ def _structure(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return (type(value).__name__, len(value), _structure(value[0]) if value else None)
     return type(value).__name__
-
-
-def _compare(old: Any, new: Any) -> str | None:
-    a, b = _structure(old), _structure(new)
-    if a == b:
-        return None
-    return f"{_show(b)} rather than {_show(a)}: another output"
 
 
 def _show(s: Any) -> str:

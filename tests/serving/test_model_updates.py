@@ -68,6 +68,8 @@ class Record:
     header: str | None
     k: float | None
     batch: int | None
+    pid: int | None
+    sent: float  # monotonic time the request was sent
 
 
 class Load:
@@ -94,6 +96,7 @@ class Load:
 
     async def _client(self, client: httpx.AsyncClient) -> None:
         while not self._stop.is_set():
+            sent = time.monotonic()
             try:
                 r = await client.post("/score", json={"x": [[1.0, 2.0, 3.0, 4.0]]})
             except httpx.HTTPError as exc:
@@ -101,9 +104,10 @@ class Load:
                 continue
             if r.status_code == 200:
                 row = r.json()[0]
-                self.records.append(Record(200, r.headers.get("x-model-version"), row[0], int(row[-1])))
+                self.records.append(Record(200, r.headers.get("x-model-version"), row[0], int(row[-2]), int(row[-1]),
+                                           sent))
             else:
-                self.records.append(Record(r.status_code, None, None, None))
+                self.records.append(Record(r.status_code, None, None, None, None, sent))
                 self.errors.append(r.text)
             await asyncio.sleep(self.pause)
 
@@ -122,20 +126,28 @@ def _wait_for_requests(load: Load, more: int, timeout: float = 30) -> None:
         time.sleep(0.02)
 
 
-def check_versions(records: list[Record], store: Store) -> list[float]:
-    """Every answer computed by the version its header names, one version per batch, and versions in batch
-    order never going back; returns the versions in the order they served."""
-    by_batch: dict[int, set[float]] = defaultdict(set)
+def check_versions(records: list[Record], store: Store, loads: list[tuple[float, float]] = ()) -> list[float]:
+    """Every answer computed by the version its header names; one version per batch; in each worker's batch
+    order, versions never going back; no request sent after a load returned answered by an older version
+    (``loads``: (monotonic time the load returned, its version)). Returns the versions in the order they
+    first served."""
+    by_batch: dict[tuple[int, int], set[float]] = defaultdict(set)
     for r in records:
-        assert r.header is not None and r.k is not None and r.batch is not None
+        assert r.header is not None and r.k is not None and r.batch is not None and r.pid is not None
         assert store.k_of(r.header) == r.k, f"header {r.header} but the output is version {r.k}"
-        by_batch[r.batch].add(r.k)
+        by_batch[(r.pid, r.batch)].add(r.k)
     mixed = {b: ks for b, ks in by_batch.items() if len(ks) > 1}
     assert not mixed, f"batches that held two versions: {mixed}"
-    order = [next(iter(by_batch[b])) for b in sorted(by_batch)]
-    served = [k for i, k in enumerate(order) if i == 0 or k != order[i - 1]]
-    assert served == sorted(served), f"a version came back after a newer one served: {served}"
-    return served
+    for pid in {pid for pid, _ in by_batch}:
+        order = [next(iter(by_batch[b])) for b in sorted(b for b in by_batch if b[0] == pid)]
+        assert order == sorted(order), f"worker {pid}: a version came back after a newer one served"
+    for returned, k in loads:
+        older = [r for r in records if r.sent > returned and r.k < k]
+        assert not older, f"{len(older)} requests sent after version {k} was loaded were answered by an older one"
+    first: dict[float, float] = {}
+    for r in sorted(records, key=lambda r: r.sent):
+        first.setdefault(r.k, r.sent)  # type: ignore[arg-type]
+    return sorted(first, key=first.__getitem__)
 
 
 def _alive_models(url: str, want: int, timeout: float = 10) -> int:
@@ -152,17 +164,19 @@ def _alive_models(url: str, want: int, timeout: float = 10) -> int:
 def test_five_swaps_under_load_lose_nothing_mix_nothing_and_free_the_old_model(start_server, store: Store) -> None:
     store.save(1)
     server = start_server(TARGET, cwd=SERVICES, args=["--admin"], env=_env(store))
+    loads = []
     with Load(server.url) as load:
         _wait_for_requests(load, 50)
         for k in range(2, 7):
             tag = store.save(k)
             r = _load(server.url, {"parameters": {"version": tag}})
             assert r.status_code == 200, r.text
+            loads.append((time.monotonic(), k))
             assert r.json() == {"name": "scorer", "version": tag.split(":")[1], "state": "READY", "outcome": "loaded"}
             _wait_for_requests(load, 50)
     assert not load.errors, load.errors[:5]
     assert all(r.status == 200 for r in load.records)
-    assert check_versions(load.records, store) == [1, 2, 3, 4, 5, 6]
+    assert check_versions(load.records, store, loads) == [1, 2, 3, 4, 5, 6]
     # the five replaced models were released and collected: only the serving one is alive
     assert _alive_models(server.url, 1) == 1
     metrics = httpx.get(f"{server.url}/metrics").text
@@ -192,7 +206,8 @@ def test_a_corrupt_a_missing_and_a_reshaped_version_fail_with_the_reason_while_s
         assert r.status_code == 404 and "00000000deadbeef" in r.json()["error"], r.text
         r = _load(server.url, {"parameters": {"version": reshaped}})
         assert r.status_code == 400, r.text
-        assert "API 'score'" in r.json()["error"] and "(1, 4)" in r.json()["error"] and "(1, 3)" in r.json()["error"]
+        assert (f"API 'score' answers an array of shape (1, 5) (float64) with {reshaped}, and an array of shape "
+                f"(1, 4) (float64) with the serving {good}, on the same input") in r.json()["error"], r.text
         r = _load(server.url, {"parameters": {"version": "iris:00000000deadbeef"}})
         assert r.status_code == 400 and "not a version of model 'scorer'" in r.json()["error"], r.text
         _wait_for_requests(load, 30)

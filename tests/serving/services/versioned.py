@@ -1,11 +1,13 @@
 """A batchable service over one stored torch model, for the model update tests.
 
 Each stored version is an nn.Linear whose output is its version number k (zero weights, bias k), so a response
-tells which version computed it; the API appends the number of the batch it ran in (a test-only output), so
-the tests can check that no batch mixed versions. ``alive`` counts the model objects not yet collected."""
+tells which version computed it; the API appends the number of the batch it ran in and the worker's pid (test-only
+outputs), so the tests can check that no batch mixed versions. ``alive`` counts the model objects not yet
+collected in the worker that answers."""
 
 import gc
 import itertools
+import os
 import weakref
 
 import numpy as np
@@ -28,8 +30,9 @@ class Versioned:
     def score(self, x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             out = self.model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
-        batch = np.full((len(x), 1), next(_batches), dtype=np.float32)
-        return np.concatenate([out, batch], axis=1)
+        batch = np.full((len(x), 1), next(_batches), dtype=np.float64)
+        pid = np.full((len(x), 1), os.getpid(), dtype=np.float64)
+        return np.concatenate([out, batch, pid], axis=1)
 
     @bl.api
     def predict(self, x: np.ndarray) -> np.ndarray:
