@@ -39,6 +39,8 @@ def cli() -> None:
               help="Port to listen on; BENTO_LIKE_PORT overrides the default (and an image's).")
 @click.option("--workers", type=click.IntRange(1), default=None, help="Processes sharing the port [service's own, or 1].")
 @click.option("--reload", is_flag=True, help="Restart when a .py file under the working directory changes.")
+@click.option("--follow", is_flag=True,
+              help="TARGET is a bento NAME: serve NAME:latest and move to each new version stored, without downtime.")
 @click.option(
     "--log-level",
     default="info",
@@ -67,7 +69,9 @@ def cli() -> None:
     "/mnt/models), checked against its manifest [$BENTO_LIKE_MODELS_DIR, or the bento's own].",
 )
 def serve(target: str, **opts) -> None:  # type: ignore[no-untyped-def]
-    """Serve TARGET: a service as file.py:Class or module:Class, or a bento (name:version or its directory)."""
+    """Serve TARGET: a service as file.py:Class or module:Class, or a bento (name:version or its directory).
+
+    SIGHUP reloads the code without downtime under --workers N (N > 1) or --follow (docs/serving.md)."""
     from ..sdk.api import ServiceDefinitionError
     from ..serving import ServeOptions, serve as run
     from ..serving.tuning import SettingsError
@@ -86,6 +90,7 @@ def serve(target: str, **opts) -> None:  # type: ignore[no-untyped-def]
             graceful_timeout=opts["graceful_timeout"],
             drain_delay=opts["drain_delay"],
             models=opts["models"],
+            follow=opts["follow"],
             options=ServeOptions(
                 timeout=opts["timeout"],
                 max_concurrency=opts["max_concurrency"],
