@@ -167,6 +167,20 @@ def test_a_reload_onto_broken_code_is_given_up_and_the_old_workers_serve_on(star
     assert server.stop() == 0
 
 
+def test_a_new_generation_not_ready_in_time_is_given_up(start_server, tmp_path: Path) -> None:
+    _write(tmp_path, 1)
+    server = start_server("svc.py:Reloadable", cwd=tmp_path, args=["--workers", "2", "--graceful-timeout", "1"],
+                          env={"BENTO_LIKE_RELOAD_TIMEOUT_S": "2"})
+    pids = set(_workers(server.url, 2))
+    _write(tmp_path, 2, init="import time; time.sleep(120)")
+    os.kill(server.proc.pid, signal.SIGHUP)
+    _wait_for(lambda: "reload 1: its workers have stopped" in server.log(), 60, f"the given-up workers\n{server.log()}")
+    assert ("reload 1 of svc.py:Reloadable aborted: the new generation was not ready within 2 s "
+            "(BENTO_LIKE_RELOAD_TIMEOUT_S)") in server.log()
+    assert _workers(server.url, 2) == {pid: 1 for pid in pids}
+    assert server.stop() == 0
+
+
 def test_follow_serves_each_new_version_of_a_bento(start_server, tmp_path: Path, home: Path) -> None:
     from bento_like.builders.bento import build_bento
 
