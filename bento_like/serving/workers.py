@@ -475,6 +475,7 @@ class Supervisor:
                 self._abort(f"worker {i} of the new generation (pid {proc.pid}) exited with code {proc.exitcode} "
                             "before it was ready (its log is above)", now)
                 return
+        # Ready is published a moment before uvicorn accepts: what arrives meanwhile waits in the shared backlog.
         if all(self.status[gen.base + i] == 1 for i in range(self.workers)):
             self._promote(now)
         elif now > gen.deadline:
