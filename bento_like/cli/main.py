@@ -39,6 +39,8 @@ def cli() -> None:
               help="Port to listen on; BENTO_LIKE_PORT overrides the default (and an image's).")
 @click.option("--workers", type=click.IntRange(1), default=None, help="Processes sharing the port [service's own, or 1].")
 @click.option("--reload", is_flag=True, help="Restart when a .py file under the working directory changes.")
+@click.option("--follow", is_flag=True,
+              help="TARGET is a bento NAME: serve NAME:latest and move to each new version stored, without downtime.")
 @click.option(
     "--log-level",
     default="info",
@@ -78,7 +80,9 @@ def cli() -> None:
               help="Load a new model version beside the serving one (default), or release the old one first "
               "(less memory; each instance pauses while it loads) [$BENTO_LIKE_SWAP_MODE].")
 def serve(target: str, **opts) -> None:  # type: ignore[no-untyped-def]
-    """Serve TARGET: a service as file.py:Class or module:Class, or a bento (name:version or its directory)."""
+    """Serve TARGET: a service as file.py:Class or module:Class, or a bento (name:version or its directory).
+
+    SIGHUP reloads the code without downtime under --workers N (N > 1) or --follow (docs/serving.md)."""
     from ..sdk.api import ServiceDefinitionError
     from ..serving import ServeOptions, serve as run
     from ..serving.tuning import SettingsError
@@ -101,6 +105,7 @@ def serve(target: str, **opts) -> None:  # type: ignore[no-untyped-def]
             admin_token_file=opts["admin_token_file"],
             watch_models=opts["watch_models"],
             swap_mode=opts["swap_mode"],
+            follow=opts["follow"],
             options=ServeOptions(
                 timeout=opts["timeout"],
                 max_concurrency=opts["max_concurrency"],

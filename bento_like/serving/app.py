@@ -1,7 +1,8 @@
 """The ASGI application for one service: API routes, health, metrics, OpenAPI and docs, and its lifespan.
 
 Instances are built in the background after the server starts listening, so ``/livez`` answers at once and
-``/readyz`` turns 200 only when every instance is built and its startup hooks have run.
+``/readyz`` turns 200 only when every instance is built and its startup hooks have run. A rolling reload's new
+workers (``ServeOptions.accept_when_ready``) listen only once ready instead (serving/workers.py).
 """
 
 from __future__ import annotations
@@ -61,7 +62,10 @@ class ServeOptions:
     worker_id: str | None = None
     tuning: Tuning | None = None  # read from the environment once by `pkg serve`, and sent to every worker
     metrics_dir: str | None = None  # set by the supervisor of --workers N: where workers publish their metrics
-    control_dir: str | None = None  # set by the supervisor: where workers agree on model loads (repository.py)
+    control_dir: str | None = None  # made by the supervisor: private to it and its workers, of every generation
+    # A rolling reload's new workers take connections off the shared socket only once ready (else they would
+    # answer 503 "starting" to requests the old generation could have served).
+    accept_when_ready: bool = False
     # by service key: where the separately-run dependencies listen (set by `pkg serve`, serving/dependencies.py)
     dependencies: dict[str, DependencyAddress] = field(default_factory=dict)
 
@@ -80,6 +84,7 @@ class ServerState:
         self.max_body_size: int = options.max_body_size or traffic.max_body_size
         self.max_queue: int = options.max_queue or traffic.max_queue or DEFAULT_MAX_QUEUE
         self.metrics = Registry({"worker": options.worker_id} if options.worker_id else None)
+        self.workers = max(1, options.workers)
         self.dependencies = Dependencies(spec, options.dependencies)
         self.pool = InstancePool(spec, self.tuning, workers=options.workers, remotes=self.dependencies)
         self.watchdog = Watchdog(self.tuning.watchdog_interval_s)
@@ -87,11 +92,13 @@ class ServerState:
         self.endpoints: list[APIEndpoint] = []
         self.ready = False
         self.stopping = False  # set on SIGTERM: /readyz and bento_like_ready say not ready from then on
+        # set when a rolling reload retires this worker: its successor owns its status slot's twin and its
+        # published metrics from then on, so it writes neither
+        self.retiring = False
         self.failure: str | None = None
         self.unavailable: str | None = None  # why the APIs answer 503 while ready was true (a model unloaded)
         self.versioned = bool(spec.model_refs())
         self.control_dir = options.control_dir
-        self.workers = options.workers
         self.worker_id = options.worker_id
         self.repository = ModelRepository(self)
         self.api_names = {entry.attr: entry.config.name for entry in spec.apis}
@@ -128,16 +135,18 @@ class ServerState:
             self.ready = True
 
     def _publish(self, value: int) -> None:
-        if self.worker_status is not None:
+        if self.worker_status is not None and not self.retiring:
             shared, index = self.worker_status
             shared[index] = value
 
     def missing_workers(self) -> list[int]:
-        """Sibling workers that are not ready (starting, or restarting after a crash)."""
+        """Sibling workers that are not ready (starting, or restarting after a crash). During a rolling reload
+        two generations share the status array (N slots each): a worker looks at its own generation's only."""
         if self.worker_status is None:
             return []
-        shared, _ = self.worker_status
-        return [i for i in range(len(shared)) if shared[i] != 1]
+        shared, index = self.worker_status
+        first = index - index % self.workers
+        return [i - first for i in range(first, min(first + self.workers, len(shared))) if shared[i] != 1]
 
     async def warm_up(self) -> None:
         """Run the warm-ups the APIs asked for, then start the batchers. A batchable API without one starts with
@@ -342,7 +351,7 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_st
 
     async def publish_forever() -> None:
         assert metrics_dir is not None and options.worker_id is not None
-        while True:
+        while not state.retiring:
             try:
                 await state.readiness(hooks=False)
                 publish(state.metrics, Path(metrics_dir), options.worker_id)
@@ -382,10 +391,13 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_st
         state.watchdog.start()
         starting = asyncio.create_task(state.start())
         watcher = asyncio.create_task(state.watch_threads())
-        publisher = asyncio.create_task(publish_forever()) if metrics_dir else None
         if tasks:
             tasks[0].store.open()
         sweeper = asyncio.create_task(_sweep_forever(tasks[0].store)) if tasks else None
+        if options.accept_when_ready:
+            await _until_started(state, starting)
+        # A new generation's worker publishes once ready: until then its predecessor of the same number does.
+        publisher = asyncio.create_task(publish_forever()) if metrics_dir else None
         updates = []
         if state.repository.versioned and state.repository.control is not None and state.workers > 1:
             updates.append(asyncio.create_task(state.repository.follow_control()))
@@ -433,6 +445,19 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_st
         (ep.name,): ep.batcher.queued_requests for ep in endpoints if ep.batcher is not None
     }
     return app
+
+
+async def _until_started(state: ServerState, starting: asyncio.Task[None]) -> None:
+    """Wait for the instances and warm-ups before the server listens; a failed start (or a stop meanwhile)
+    raises, so that uvicorn never opens the socket and the process exits non-zero (the instances built so far
+    run their shutdown hooks first)."""
+    while not starting.done() and not state.stopping:
+        await asyncio.wait({starting}, timeout=0.1)
+    if state.ready:
+        return
+    starting.cancel()
+    await state.pool.stop()
+    raise RuntimeError("stopped before it was ready" if state.stopping else f"startup failed: {state.failure}")
 
 
 def _task_routes(state: ServerState, endpoints: list[APIEndpoint]) -> list[TaskRoutes]:

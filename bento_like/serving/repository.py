@@ -187,6 +187,8 @@ class ModelRepository:
         """The stored versions the instances are first built with: those pinned by an earlier worker (in the
         control directory), else each reference's own tag."""
         pins = self._read_pins()
+        if self.control is not None:  # the operations before this point are in the pins already
+            self._seen.update(p.stem for p in self.control.glob("op-*.json"))
         choose: dict[str, Any] = {}
         for name, version in pins.items():
             slot = self.slots.get(name)
@@ -516,7 +518,10 @@ class ModelRepository:
         """Every worker: take the operations written to the control directory, prepare each, wait for the
         decision, commit or abort it."""
         assert self.control is not None
-        self._seen.update(p.stem for p in self.control.glob("op-*.json"))  # those before this worker started
+        while not self.state.ready:  # an operation written meanwhile is taken once the instances are built
+            if self.state.failure:
+                return
+            await asyncio.sleep(CONTROL_POLL_S)
         while True:
             await asyncio.sleep(CONTROL_POLL_S)
             for path in sorted(self.control.glob("op-*.json"), key=_mtime):

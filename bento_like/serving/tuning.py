@@ -222,12 +222,18 @@ class Tuning(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     models_wait_s: float = 60.0
     """``BENTO_LIKE_MODELS_WAIT_S``: how long ``pkg serve`` waits for ``models_dir`` to appear: KServe's modelcar
     links it beside the server, possibly just after the server starts."""
+    reload_timeout_s: float = 300.0
+    """``BENTO_LIKE_RELOAD_TIMEOUT_S``: how long a rolling reload (SIGHUP, or a new version under ``--follow``)
+    waits for every worker of the new generation to turn ready before it gives up and keeps the old one."""
+    follow_interval_s: float = 2.0
+    """``BENTO_LIKE_FOLLOW_INTERVAL_S``: how often ``pkg serve --follow NAME`` asks the bento store what
+    NAME:latest is."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.batch_priority <= 39:
             raise ValueError(f"batch_priority must be between 0 and 39 nice steps, got {self.batch_priority}")
         _at_least(self, 0.0, "switch_interval_ms", "models_wait_s")
-        _positive(self, "watchdog_interval_s", "dependency_start_s")
+        _positive(self, "watchdog_interval_s", "dependency_start_s", "reload_timeout_s", "follow_interval_s")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Tuning:
@@ -295,6 +301,8 @@ _KNOBS: dict[str, tuple[str, str, Any, str]] = {
     "ADMIN_TOKEN": ("updates", "admin_token", str, "a token"),
     "WATCH_MODELS_S": ("updates", "watch_s", _finite, "a number of seconds"),
     "SWAP_MODE": ("updates", "swap_mode", str, "beside or replace"),
+    "RELOAD_TIMEOUT_S": ("top", "reload_timeout_s", _finite, "a number of seconds"),
+    "FOLLOW_INTERVAL_S": ("top", "follow_interval_s", _finite, "a number of seconds"),
 }
 
 
