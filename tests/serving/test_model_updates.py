@@ -373,3 +373,62 @@ def test_unit_beside_mode_refuses_when_memory_cannot_hold_both(monkeypatch: pyte
     assert refused.value.status == 409
     monkeypatch.setattr(repository, "free_memory", lambda device: stored.info.size * 2)
     repo._check_memory(stored)  # fits: no error
+
+
+def test_acceptance_five_swaps_and_two_code_reloads_under_load(start_server, store: Store) -> None:
+    """The issue's acceptance run: steady load for about 20 s on two workers, five model swaps and two rolling
+    code reloads (SIGHUP) among them; zero non-2xx, no batch with two versions, versions only ever forward, a
+    reload's new workers serving the version loaded before it (not what 'latest' resolves to), the replaced
+    models collected."""
+    import signal
+
+    store.save(1)
+    server = start_server(TARGET, cwd=SERVICES, args=["--admin", "--workers", "2"], env=_env(store))
+    loads: list[tuple[float, float]] = []
+    started = time.monotonic()
+
+    def swap(k: int) -> None:
+        r = _load(server.url, {"parameters": {"version": store.save(k)}})
+        assert r.status_code == 200, r.text
+        loads.append((time.monotonic(), k))
+
+    def reload(number: int) -> float:
+        server.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while f"reload {number}: done" not in server.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert f"reload {number}: done" in server.log(), server.log()
+        return time.monotonic()
+
+    with Load(server.url) as load:
+        _wait_for_requests(load, 50)
+        first_pids = {r.pid for r in load.records}
+        swap(2)
+        swap(3)
+        _wait_for_requests(load, 50)
+        reloaded = reload(1)
+        _wait_for_requests(load, 100)
+        swap(4)
+        swap(5)
+        store.save(7)  # the newest in the store, never loaded: a new worker must not pick it up
+        _wait_for_requests(load, 50)
+        second = reload(2)
+        _wait_for_requests(load, 100)
+        before_sixth = time.monotonic()
+        swap(6)
+        while time.monotonic() - started < 20:  # the rest of the 20 s under load
+            time.sleep(0.1)
+    assert not load.errors, load.errors[:5]
+    assert load.count() > 500 and all(r.status == 200 for r in load.records)
+    assert check_versions(load.records, store, loads) == [1, 2, 3, 4, 5, 6]
+    new_pids = {r.pid for r in load.records if r.sent > reloaded}
+    assert new_pids and not new_pids & first_pids  # the first reload's workers served
+    assert {r.k for r in load.records if second < r.sent < before_sixth} == {5}  # pinned, not 'latest' (7)
+    for _ in range(10):  # either worker: only the serving model is alive in it
+        deadline = time.monotonic() + 10
+        while True:
+            r = httpx.post(f"{server.url}/alive", json={}, headers={"Connection": "close"})
+            if r.json() == 1 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert r.status_code == 200 and r.json() == 1 and r.headers["x-model-version"] == store.tags[6]
