@@ -86,7 +86,7 @@ def serve(target: str, **opts) -> None:  # type: ignore[no-untyped-def]
     from ..sdk.api import ServiceDefinitionError
     from ..serving import ServeOptions, serve as run
     from ..serving.tuning import SettingsError
-    from ..serving.workers import ServeError
+    from ..serving.targets import ServeError
 
     try:
         run(

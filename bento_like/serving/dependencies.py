@@ -274,11 +274,11 @@ class DependencyProcesses:
         services = separate_services(spec)
         if not services:
             return
-        from .workers import _bind
+        from .server import bind
 
         self.log_dir = Path(tempfile.mkdtemp(prefix=f"bento_like-deps-{os.getpid()}-"))
         for key, dep in services.items():
-            sock = _bind("127.0.0.1", 0)  # bound here and kept: the address is known and stays ours
+            sock = bind("127.0.0.1", 0)  # bound here and kept: the address is known and stays ours
             url = "http://127.0.0.1:%d" % sock.getsockname()[1]
             log_path = self.log_dir / f"{dep.name}.log"
             self.children.append(_Child(key, dep, sock, DependencyAddress(dep.name, url, str(log_path))))
@@ -441,12 +441,14 @@ def _dependency_main(where: Any, sock: socket.socket, options: Any, server_args:
     os.setpgid(0, 0)  # Ctrl-C in a terminal goes to the caller; the parent stops this process after it
     _die_with_parent(parent)
     from .app import create_app
-    from .workers import Supervisor, _configure_logging, _load, _server
+    from .server import configure_logging, uvicorn_server
+    from .supervisor import Supervisor
+    from .targets import load_target
 
-    _configure_logging(log_level)
-    spec = _load(where)
+    configure_logging(log_level)
+    spec = load_target(where)
     if spec.workers > 1:
         Supervisor(spec, where, options, spec.workers, "127.0.0.1", 0, server_args, graceful_timeout, sock=sock).run()
     else:
         log.info("serving dependency %s on http://127.0.0.1:%d", spec.name, sock.getsockname()[1])
-        _server(create_app(spec, options), server_args).run(sockets=[sock])
+        uvicorn_server(create_app(spec, options), server_args).run(sockets=[sock])
