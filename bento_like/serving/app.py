@@ -37,7 +37,8 @@ from .instances import InstancePool
 from .metrics import Registry, publish, published
 from .openapi import SWAGGER_HTML
 from .placement import BatchPlacement, ServerLoad
-from .repository import ModelRepository, repository_routes
+from .repository import ModelRepository
+from .repository_api import repository_routes
 from .routes import APIEndpoint
 from .task_store import TaskStore
 from .tasks import TaskRoutes
@@ -400,7 +401,7 @@ def create_app(spec: ServiceSpec, options: ServeOptions | None = None, worker_st
         publisher = asyncio.create_task(publish_forever()) if metrics_dir else None
         updates = []
         if state.repository.versioned and state.repository.control is not None and state.workers > 1:
-            updates.append(asyncio.create_task(state.repository.follow_control()))
+            updates.append(asyncio.create_task(state.repository.control.follow()))
         # one watcher per server: with several workers, worker 0's loads reach every worker
         if state.repository.versioned and state.tuning.updates.watch_s and options.worker_id in (None, "0"):
             updates.append(asyncio.create_task(state.repository.watch(state.tuning.updates.watch_s)))

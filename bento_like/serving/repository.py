@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import hmac
-import json
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -30,36 +27,31 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
-from .. import _fidelity
 from ..models import ModelNotFoundError, ModelStoreError, default_store, parse_tag
-from .errors import HTTPError
 from .instances import Generation
+from .repository_control import ControlDir, Operation
+from .swap_checks import (
+    Check,
+    LoadFailed,
+    call_on,
+    check_quality,
+    example_input,
+    free_memory,
+    load_failure,
+    show,
+    structure,
+    tensors,
+)
 
 if TYPE_CHECKING:
     from ..models import Model
     from ..sdk.model_ref import ModelRef
     from .app import ServerState
-    from .routes import APIEndpoint
 
 log = logging.getLogger("bento_like.serving")
 
 READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
-PINS_FILE = "pins.json"
-CONTROL_POLL_S = 0.05
-PREPARE_TIMEOUT_S = 600.0  # a worker that neither prepares nor fails in this long is taken as failed
-
-
-class LoadFailed(Exception):
-    """A load or unload that did not happen; ``status`` is the HTTP answer, the message its reason."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass
@@ -72,52 +64,6 @@ class Slot:
     state: str = READY
     reason: str = ""
     pinned: str | None = None  # the version chosen through the API or the watcher; None: the reference's tag
-
-
-@dataclass
-class Check:
-    """What a load verifies before the swap: each API's output against the serving version's, and a metric."""
-
-    metric: str | None = None  # cosine, max_abs or argmax
-    min: float | None = None
-    max: float | None = None
-
-    @classmethod
-    def parse(cls, raw: Any) -> Check | None:
-        if raw is None:
-            return None
-        if not isinstance(raw, dict) or set(raw) - {"metric", "min", "max"}:
-            raise LoadFailed("parameters.quality must be an object with metric and min or max, e.g. "
-                             '{"metric": "cosine", "min": 0.99}')
-        metric = raw.get("metric", "cosine")
-        if metric not in ("cosine", "max_abs", "argmax"):
-            raise LoadFailed(f"parameters.quality.metric must be cosine, max_abs or argmax, got {metric!r}")
-        low, high = raw.get("min"), raw.get("max")
-        for key, value in (("min", low), ("max", high)):
-            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-                raise LoadFailed(f"parameters.quality.{key} must be a number, got {value!r}")
-        if (low is None) == (high is None):
-            if low is None and high is None:
-                low, high = (None, 1e-2) if metric == "max_abs" else (0.99, None)
-            else:
-                raise LoadFailed("parameters.quality takes min or max, not both")
-        return cls(metric, low, high)
-
-
-@dataclass
-class Operation:
-    """A load or unload, as written to the control directory for every worker."""
-
-    id: str
-    kind: str  # load | unload
-    name: str
-    version: str | None = None
-    quality: dict[str, Any] | None = None
-    expected: int = 1  # how many workers must prepare it
-    pin: bool = True  # keep this version until the next load (the watcher's loads keep following the tag)
-
-    def encode(self) -> bytes:
-        return json.dumps(self.__dict__).encode()
 
 
 @dataclass
@@ -142,13 +88,12 @@ class ModelRepository:
             else:
                 self.slots[name] = Slot(name, [attr], ref)
         self.versioned = bool(self.slots)
-        self._lock = asyncio.Lock()
+        self.lock = asyncio.Lock()
         tuning = state.tuning.updates
         self.swap_mode = tuning.swap_mode
-        self.control = Path(state.control_dir) if state.control_dir else None
+        self.control = ControlDir(Path(state.control_dir), self) if state.control_dir else None
         self.workers = state.workers
         self.worker_id = state.worker_id or "0"
-        self._seen: set[str] = set()
 
     # -- what serves now ------------------------------------------------------------------------------------
 
@@ -186,9 +131,7 @@ class ModelRepository:
     def initial_choice(self) -> dict[str, Any]:
         """The stored versions the instances are first built with: those pinned by an earlier worker (in the
         control directory), else each reference's own tag."""
-        pins = self._read_pins()
-        if self.control is not None:  # the operations before this point are in the pins already
-            self._seen.update(p.stem for p in self.control.glob("op-*.json"))
+        pins = self.control.read_pins() if self.control is not None else {}
         choose: dict[str, Any] = {}
         for name, version in pins.items():
             slot = self.slots.get(name)
@@ -219,11 +162,11 @@ class ModelRepository:
         op = Operation(uuid.uuid4().hex[:12], kind, name, version, quality, self.workers, pin)
         if self.control is None or self.workers <= 1:
             return await self.run(op)
-        return await self._coordinate(op)
+        return await self.control.coordinate(op)
 
     async def run(self, op: Operation) -> dict[str, Any]:
         """Prepare and commit ``op`` in this process."""
-        async with self._lock:
+        async with self.lock:
             prepared = await self.prepare(op)
             return await self.commit(op, prepared)
 
@@ -249,7 +192,7 @@ class ModelRepository:
         except Exception as exc:
             await self._discard(prepared)
             slot.state = previous
-            raise LoadFailed(_reason(stored, exc)) from None
+            raise LoadFailed(load_failure(stored, exc)) from None
         return prepared
 
     async def abort(self, prepared: _Prepared | None) -> None:
@@ -271,7 +214,8 @@ class ModelRepository:
         else:
             self._swap(prepared)
         slot.pinned = prepared.stored.version if op.pin else None
-        self._write_pins()
+        if self.control is not None:
+            self.control.write_pins({n: slot.pinned for n, slot in self.slots.items() if slot.pinned})
         return self._answer(slot, "loaded")
 
     def _answer(self, slot: Slot, outcome: str) -> dict[str, Any]:
@@ -309,8 +253,8 @@ class ModelRepository:
             was = [(t.name, t.dtype, list(t.shape)) for t in getattr(old, kind)]
             now = [(t.name, t.dtype, list(t.shape)) for t in getattr(new, kind)]
             if was != now:
-                raise LoadFailed(f"cannot load {stored.tag}: its signature's {kind} are {_tensors(now)}, those of "
-                                 f"the serving {current.tag} {_tensors(was)}")
+                raise LoadFailed(f"cannot load {stored.tag}: its signature's {kind} are {tensors(now)}, those of "
+                                 f"the serving {current.tag} {tensors(was)}")
 
     def _serving_model(self, slot: Slot) -> Model | None:
         for inst in self.state.pool.instances:
@@ -353,18 +297,18 @@ class ModelRepository:
                          "is not called before it serves it", ep.name)
                 continue
             for i, (inst, gen) in enumerate(zip(self.state.pool.instances, prepared.generations)):
-                new = await _call(ep, inst, gen, kwargs)
+                new = await call_on(ep, inst, gen, kwargs)
                 old_gen = inst.generation
                 if i or old_gen is None or old_gen.obj is None:
                     continue
-                old = await _call(ep, inst, old_gen, kwargs)
-                was, now = _structure(old), _structure(new)
+                old = await call_on(ep, inst, old_gen, kwargs)
+                was, now = structure(old), structure(new)
                 if was != now:
                     assert prepared.stored is not None
-                    raise LoadFailed(f"API {ep.name!r} answers {_show(now)} with {prepared.stored.tag}, and "
-                                     f"{_show(was)} with the serving {old_gen.label}, on the same input")
+                    raise LoadFailed(f"API {ep.name!r} answers {show(now)} with {prepared.stored.tag}, and "
+                                     f"{show(was)} with the serving {old_gen.label}, on the same input")
                 if check is not None:
-                    _quality(ep.name, check, old, new)
+                    check_quality(ep.name, check, old, new)
 
     def _swap(self, prepared: _Prepared) -> None:
         """Every instance serves with its new generation from now on: one synchronous step on the loop."""
@@ -440,7 +384,7 @@ class ModelRepository:
                 await inst.run_hooks("startup", gen, dependencies=False)
                 inst.use(gen)
                 slot.state = READY
-                raise LoadFailed(_reason(stored, exc)) from None
+                raise LoadFailed(load_failure(stored, exc)) from None
             inst.use(gen)
         finally:
             inst.resume()
@@ -482,96 +426,6 @@ class ModelRepository:
         prepared.generations.clear()
         _collect(refs)
 
-    # -- several workers ------------------------------------------------------------------------------------
-
-    async def _coordinate(self, op: Operation) -> dict[str, Any]:
-        """Write ``op`` for every worker, wait until each prepared it or failed, then commit or abort it."""
-        assert self.control is not None
-        _write(self.control / f"op-{op.id}.json", op.encode())
-        deadline = time.monotonic() + PREPARE_TIMEOUT_S
-        results: dict[str, dict[str, Any]] = {}
-        while len(results) < op.expected and time.monotonic() < deadline:
-            await asyncio.sleep(CONTROL_POLL_S)
-            for path in self.control.glob(f"prepared-{op.id}-*.json"):
-                try:
-                    results[path.stem.rsplit("-", 1)[1]] = json.loads(path.read_text())
-                except (OSError, ValueError):
-                    continue
-        failures = [r for r in results.values() if not r.get("ok")]
-        decision = "commit" if len(results) == op.expected and not failures else "abort"
-        _write(self.control / f"{decision}-{op.id}", b"")
-        if decision == "abort":
-            if failures:
-                raise LoadFailed(failures[0]["reason"], failures[0].get("status", 400))
-            raise LoadFailed(f"only {len(results)} of {op.expected} workers prepared the {op.kind} of {op.name} "
-                             f"within {PREPARE_TIMEOUT_S:g} s; nothing changed", 503)
-        done: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            done_files = list(self.control.glob(f"done-{op.id}-*.json"))
-            if len(done_files) >= op.expected:
-                done = json.loads(done_files[0].read_text())
-                break
-            await asyncio.sleep(CONTROL_POLL_S)
-        return done or self._answer(self.slots[op.name], "committed")
-
-    async def follow_control(self) -> None:
-        """Every worker: take the operations written to the control directory, prepare each, wait for the
-        decision, commit or abort it."""
-        assert self.control is not None
-        while not self.state.ready:  # an operation written meanwhile is taken once the instances are built
-            if self.state.failure:
-                return
-            await asyncio.sleep(CONTROL_POLL_S)
-        while True:
-            await asyncio.sleep(CONTROL_POLL_S)
-            for path in sorted(self.control.glob("op-*.json"), key=_mtime):
-                if path.stem in self._seen:
-                    continue
-                self._seen.add(path.stem)
-                try:
-                    op = Operation(**json.loads(path.read_text()))
-                except (OSError, ValueError, TypeError):
-                    continue
-                await self._take(op)
-
-    async def _take(self, op: Operation) -> None:
-        assert self.control is not None
-        async with self._lock:
-            mine = self.control / f"prepared-{op.id}-{self.worker_id}.json"
-            try:
-                prepared = await self.prepare(op)
-            except LoadFailed as exc:
-                _write(mine, json.dumps({"ok": False, "reason": str(exc), "status": exc.status}).encode())
-                return
-            except Exception as exc:  # noqa: BLE001 - reported to the worker that waits for the answer
-                log.exception("preparing %s of %s failed", op.kind, op.name)
-                _write(mine, json.dumps({"ok": False, "reason": f"{type(exc).__name__}: {exc}"}).encode())
-                return
-            _write(mine, json.dumps({"ok": True}).encode())
-            while True:
-                if (self.control / f"commit-{op.id}").exists():
-                    answer = await self.commit(op, prepared)
-                    _write(self.control / f"done-{op.id}-{self.worker_id}.json", json.dumps(answer).encode())
-                    return
-                if (self.control / f"abort-{op.id}").exists():
-                    await self.abort(prepared)
-                    return
-                await asyncio.sleep(CONTROL_POLL_S)
-
-    def _read_pins(self) -> dict[str, str]:
-        if self.control is None:
-            return {}
-        try:
-            return json.loads((self.control / PINS_FILE).read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def _write_pins(self) -> None:
-        if self.control is None:
-            return
-        pins = {name: slot.pinned for name, slot in self.slots.items() if slot.pinned}
-        _write(self.control / PINS_FILE, json.dumps(pins).encode())
-
     # -- watch mode -------------------------------------------------------------------------------------------
 
     async def watch(self, interval: float) -> None:
@@ -600,96 +454,6 @@ class ModelRepository:
                     log.error("watch: %s", exc)
 
 
-def example_input(state: ServerState, ep: APIEndpoint) -> dict[str, Any] | None:
-    """An input to call ``ep`` with before a new version serves: its warm-up input when it declares one (or one
-    made from the model's signature), else the last input it served."""
-    plan = state.warmups.get(ep.name)
-    if plan is not None:
-        try:
-            kwargs = plan.complete(state.spec, ep)
-            if plan.made_up and ep.codec.rich is not None:
-                kwargs = ep.codec.rich.convert(dict(kwargs))
-            return kwargs
-        except Exception:  # noqa: BLE001 - fall back to a served input
-            log.debug("no warm-up input for %r", ep.name, exc_info=True)
-    if ep.context is not None or (ep.codec.rich is not None and ep.codec.rich.paths):
-        return None  # its request context and its uploaded files were released with its response
-    return ep.last_input
-
-
-async def _call(ep: APIEndpoint, inst: Any, gen: Generation, kwargs: dict[str, Any]) -> Any:
-    method = getattr(gen.obj, ep.attr)
-    if ep.config.batchable:
-        value = kwargs[ep.config.params[0]]
-        return await (method(value) if ep.is_async else inst.runner.submit(method, value))
-    return await (method(**kwargs) if ep.is_async else inst.runner.submit(method, **kwargs))
-
-
-def _structure(value: Any) -> Any:
-    """What must not change between versions: types, array shapes and dtypes, keys, lengths."""
-    if isinstance(value, np.ndarray):
-        return ("array", value.shape, value.dtype.str)
-    if hasattr(value, "shape") and hasattr(value, "dtype"):  # a framework tensor
-        return (type(value).__name__, tuple(value.shape), str(value.dtype))
-    if isinstance(value, dict):
-        return {k: _structure(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__, len(value), _structure(value[0]) if value else None)
-    return type(value).__name__
-
-
-def _show(s: Any) -> str:
-    if isinstance(s, tuple) and len(s) == 3 and s[0] == "array":
-        return f"an array of shape {s[1]} ({np.dtype(s[2]).name})"
-    return repr(s)
-
-
-def _quality(api: str, check: Check, old: Any, new: Any) -> None:
-    ref, cand = _first_array(old), _first_array(new)
-    if ref is None or cand is None:
-        raise LoadFailed(f"parameters.quality: API {api!r} returns no array to compare")
-    ref, cand = ref.reshape(len(ref), -1) if ref.ndim else ref.reshape(1, 1), cand.reshape(len(cand), -1) if cand.ndim else cand.reshape(1, 1)
-    if check.metric == "cosine":
-        value = float(_fidelity.cosine(ref, cand).mean())
-    elif check.metric == "max_abs":
-        value = _fidelity.max_abs(ref, cand)
-    else:
-        agreement = _fidelity.argmax_agreement(ref, cand)
-        if agreement is None:
-            raise LoadFailed(f"parameters.quality: argmax needs an output with a last axis of 2 or more ({api!r})")
-        value = agreement
-    passed = (check.min is None or value >= check.min) and (check.max is None or value <= check.max)
-    if not passed or not np.isfinite(value):
-        bound = f">= {check.min}" if check.min is not None else f"<= {check.max}"
-        raise LoadFailed(f"quality check failed on API {api!r}: {check.metric} {value:.6g}, must be {bound}")
-
-
-def _first_array(value: Any) -> np.ndarray | None:
-    if isinstance(value, np.ndarray):
-        return value.astype(np.float64) if value.dtype.kind in "biuf" else None
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (list, tuple)) and value:
-        if isinstance(value[0], np.ndarray):
-            return _first_array(value[0])
-        try:
-            return np.asarray(value, dtype=np.float64)
-        except (TypeError, ValueError):
-            return None
-    return None
-
-
-def _reason(stored: Model | None, exc: BaseException) -> str:
-    if isinstance(exc, LoadFailed):
-        return str(exc)
-    what = stored.tag if stored is not None else "the model"
-    return f"cannot load {what}: {type(exc).__name__}: {exc}"
-
-
-def _tensors(tensors: list[tuple[str, str, list[int]]]) -> str:
-    return ", ".join(f"{name} {dtype}{shape}" for name, dtype, shape in tensors) or "none"
-
-
 def _valid_tag(tag: str) -> bool:
     try:
         parse_tag(tag)
@@ -706,19 +470,6 @@ def _mib(size: int) -> str:
     return f"{size / 2**20:.0f} MiB"
 
 
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
-
-
-def _write(path: Path, data: bytes) -> None:
-    scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    scratch.write_bytes(data)
-    os.replace(scratch, path)
-
-
 def _collect(refs: list[Any]) -> None:
     """Free the released objects now. Most are freed as their last reference goes; those in reference cycles
     need the collector, and those made before startup froze the heap (app._freeze_heap) are out of its reach
@@ -732,98 +483,3 @@ def _collect(refs: list[Any]) -> None:
         gc.freeze()
 
 
-def free_memory(device: str) -> int | None:
-    """Bytes free for a new model on ``device``: a GPU's free memory, else the host's available memory
-    (bounded by the cgroup's limit, in a container); None when it cannot be told."""
-    if device.startswith("cuda"):
-        import sys
-
-        torch = sys.modules.get("torch")
-        if torch is None:
-            return None
-        index = int(device.partition(":")[2] or 0)
-        return int(torch.cuda.mem_get_info(index)[0])
-    available = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-        if limit != "max" and available is not None:
-            available = min(available, int(limit) - used)
-    except (OSError, ValueError):
-        pass
-    return available
-
-
-# -- the HTTP API -------------------------------------------------------------------------------------------
-
-
-def repository_routes(state: ServerState, repository: ModelRepository) -> list[Route]:
-    """``POST /v2/repository/index``, ``.../models/{name}/load`` and ``.../unload`` (the Open Inference
-    Protocol's model repository extension, with Triton's semantics), each behind the admin bearer token."""
-    token = state.tuning.updates.admin_token.encode()
-
-    def authorize(request: Request) -> None:
-        given = request.headers.get("authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token):
-            raise HTTPError(401, "the repository API needs the admin token: send 'Authorization: Bearer <token>'",
-                            headers={"WWW-Authenticate": 'Bearer realm="bento_like repository"'})
-
-    async def body(request: Request) -> dict[str, Any]:
-        raw = await request.body()
-        if not raw.strip():
-            return {}
-        try:
-            value = json.loads(raw)
-        except ValueError as exc:
-            raise HTTPError(400, f"the request body is not JSON: {exc}") from None
-        if not isinstance(value, dict):
-            raise HTTPError(400, "the request body must be a JSON object")
-        return value
-
-    async def index(request: Request) -> Response:
-        authorize(request)
-        ready = (await body(request)).get("ready", False)
-        if not isinstance(ready, bool):
-            raise HTTPError(400, f"field 'ready' must be true or false, got {ready!r}", field="$.ready")
-        return JSONResponse(repository.index(ready_only=ready))
-
-    async def operate(request: Request, kind: str) -> Response:
-        authorize(request)
-        payload = await body(request)
-        parameters = payload.get("parameters", {})
-        if not isinstance(parameters, dict):
-            raise HTTPError(400, "field 'parameters' must be an object", field="$.parameters")
-        version, quality = parameters.get("version"), parameters.get("quality")
-        config = parameters.get("config")  # tritonclient's load_model(config=...) sends a JSON string
-        if isinstance(config, str):
-            try:
-                config = json.loads(config)
-            except ValueError:
-                raise HTTPError(400, "parameters.config is not JSON", field="$.parameters.config") from None
-        if isinstance(config, dict):
-            version = config.get("version", version)
-            quality = config.get("quality", quality)
-        try:
-            answer = await repository.request(kind, request.path_params["name"], version, quality)
-        except LoadFailed as exc:
-            raise HTTPError(exc.status, str(exc)) from None
-        return JSONResponse(answer)
-
-    async def load(request: Request) -> Response:
-        return await operate(request, "load")
-
-    async def unload(request: Request) -> Response:
-        return await operate(request, "unload")
-
-    return [
-        Route("/v2/repository/index", index, methods=["POST"]),
-        Route("/v2/repository/models/{name}/load", load, methods=["POST"]),
-        Route("/v2/repository/models/{name}/unload", unload, methods=["POST"]),
-    ]
