@@ -1,4 +1,4 @@
-"""``pkg models``: list, inspect, delete, export and import stored models."""
+"""``pkg models``: list, inspect, delete, export and import stored models, and pull them from a modelcar image."""
 
 from __future__ import annotations
 
