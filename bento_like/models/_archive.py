@@ -5,7 +5,8 @@ the same model exports to the same bytes. Import treats the archive as hostile u
 manifest first (size-capped, no YAML aliases), then only the regular files it lists at the sizes it lists, under
 one `<name>/<version>/`, each exactly as the manifest says; the manifest's digest that of its content, files the
 adapter refers to inside the model, and pickles only with trust. It extracts into the store's staging area and
-installs with one rename, so a refused archive leaves the store as it was.
+installs with one rename, so a refused archive leaves the store as it was. An OCI image layer holding a model
+under `<root>/<name>/<version>/` (a modelcar's) is imported with the same checks (import_layer).
 """
 
 from __future__ import annotations
