@@ -475,12 +475,7 @@ class RegistryClient:
         started = time.perf_counter()
         layout = layout if isinstance(layout, Layout) else Layout.init(Path(layout))
         scopes = (f"repository:{repository}:pull",)
-        media_type, data = self._get_manifest(repository, reference, scopes)
-        if media_type in INDEX_TYPES:
-            chosen = select_platform(json.loads(data), platform, where=f"{self.registry}/{repository}:{reference}")
-            media_type, data = self._get_manifest(repository, chosen["digest"], scopes)
-        if media_type not in MANIFEST_TYPES:
-            raise RegistryError(f"{self.registry}/{repository}:{reference} is a {media_type}, not an image")
+        media_type, data = self.image_manifest(repository, reference, platform)
         manifest = json.loads(data)
         digest, size = layout.write_blob(data)
         report = PullReport(f"{self.registry}/{repository}:{reference}", digest)
@@ -496,6 +491,39 @@ class RegistryClient:
         log.info("pulled %s (%s): %d blobs, %d bytes", report.reference, digest, len(report.downloaded),
                  report.bytes_downloaded)
         return report
+
+    def image_manifest(self, repository: str, reference: str, platform: str = "linux/amd64") -> tuple[str, bytes]:
+        """(media type, bytes) of the single-platform image manifest `reference` names; an index is resolved to
+        its image for `platform`."""
+        scopes = (f"repository:{repository}:pull",)
+        media_type, data = self._get_manifest(repository, reference, scopes)
+        if media_type in INDEX_TYPES:
+            chosen = select_platform(json.loads(data), platform, where=f"{self.registry}/{repository}:{reference}")
+            media_type, data = self._get_manifest(repository, chosen["digest"], scopes)
+        if media_type not in MANIFEST_TYPES:
+            raise RegistryError(f"{self.registry}/{repository}:{reference} is a {media_type}, not an image")
+        return media_type, data
+
+    def manifest_digest(self, repository: str, reference: str) -> str:
+        """The digest of what `reference` names now (an index's own, for an index): one HEAD, the cheap way
+        to notice that a tag moved. A registry that answers without Docker-Content-Digest costs a GET."""
+        scopes = (f"repository:{repository}:pull",)
+        response = self._request("HEAD", f"/v2/{repository}/manifests/{reference}", scopes,
+                                 headers={"Accept": _ACCEPT})
+        if response.status_code != 200:
+            raise RegistryError(f"HEAD manifest {repository}:{reference} on {self.registry}: "
+                                f"{response.status_code} {response.reason_phrase}")
+        digest = response.headers.get("Docker-Content-Digest", "")
+        if re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+            return digest
+        return "sha256:" + hashlib.sha256(self._get_manifest(repository, reference, scopes)[1]).hexdigest()
+
+    def fetch_blob(self, repository: str, digest: str, size: int, layout: Layout,
+                   progress: ProgressCallback | None = None) -> Path:
+        """Download one blob into layout (no more than `size` bytes, checked against its digest); its path."""
+        if not layout.has_blob(digest):
+            self._download(repository, digest, size, layout, (f"repository:{repository}:pull",), progress)
+        return layout.blob_path(digest)
 
     def _get_manifest(self, repository: str, reference: str, scopes: tuple[str, ...]) -> tuple[str, bytes]:
         response = self._request("GET", f"/v2/{repository}/manifests/{reference}", scopes, headers={"Accept": _ACCEPT})
@@ -520,9 +548,12 @@ class RegistryClient:
                     hasher, done = hashlib.sha256(), 0
                     with open(tmp, "wb") as f:
                         for chunk in response.iter_bytes(2**20):
+                            done += len(chunk)
+                            if done > size:  # the manifest said how big it is: a registry sending more lies
+                                raise RegistryError(f"GET blob {digest} from {repository}: more than the "
+                                                    f"{size} bytes its manifest declares")
                             f.write(chunk)
                             hasher.update(chunk)
-                            done += len(chunk)
                             if progress:
                                 progress(BlobProgress(digest, "download", done, size))
                 finally:

@@ -1,4 +1,4 @@
-"""``pkg models``: list, inspect, delete, export and import stored models."""
+"""``pkg models``: list, inspect, delete, export and import stored models, and pull them from a modelcar image."""
 
 from __future__ import annotations
 
@@ -170,3 +170,60 @@ def import_command(path: str, trust: bool, output: str) -> None:
 
     tag = models.import_model(path, trust=trust)
     click.echo(json.dumps({"tag": tag}) if output == "json" else tag)
+
+
+@models_group.command("pull")
+@click.argument("image")
+@click.option("--insecure", is_flag=True, help="Plain HTTP to the registry (always allowed for 127.0.0.1/localhost).")
+@click.option(
+    "--trust", is_flag=True,
+    help="Accept models that are unpickled at load (pickle, torch): serving them runs code from the image.",
+)
+@click.option("--watch", type=click.FloatRange(min=0.05), metavar="SECONDS",
+              help="Keep polling IMAGE's digest every SECONDS and pull each new image, until SIGTERM or Ctrl-C.")
+@OUTPUT
+@_store_errors
+def pull_command(image: str, insecure: bool, trust: bool, watch: float | None, output: str) -> None:
+    """Add the models of the modelcar IMAGE (pkg containerize --model-only) to the store.
+
+    Only the layers of models the store lacks are fetched; each model is checked as `pkg models import` checks an
+    archive, and added whole or not at all. With --watch, `pkg serve --watch-models` over this store swaps in each
+    new version pushed to IMAGE's tag."""
+    from ..builders.oci import ImageError
+    from ..builders.registry import RegistryError
+
+    try:
+        if watch is not None:
+            _watch(image, insecure, trust, watch)
+            return
+        from ..builders.models_pull import pull_models
+        from .images import _Progress
+
+        report = pull_models(image, insecure=insecure, trust=trust, progress=_Progress())
+    except (ImageError, RegistryError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if output == "json":
+        click.echo(json.dumps({"reference": report.reference, "digest": report.digest, "added": report.added,
+                               "existing": report.existing, "bytes_downloaded": report.bytes_downloaded,
+                               "seconds": round(report.seconds, 3)}))
+        return
+    for tag in report.added:
+        click.echo(f"added {tag}")
+    click.echo(f"{report.reference}@{report.digest}: {len(report.added)} added, {len(report.existing)} already "
+               f"there ({report.seconds:.1f} s)")
+
+
+def _watch(image: str, insecure: bool, trust: bool, interval: float) -> None:
+    """Poll until SIGTERM or SIGINT, which end it with status 0 once the pull under way (if any) is done."""
+    import signal
+    import threading
+    import time
+
+    from ..builders.models_pull import watch_models
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    click.echo(f"watching {image} every {interval:g} s", err=True)
+    watch_models(image, interval=interval, stop=stop, insecure=insecure, trust=trust,
+                 report=lambda line: click.echo(f"{time.strftime('%H:%M:%S')} {line}", err=True))

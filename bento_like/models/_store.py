@@ -274,6 +274,12 @@ class ModelStore:
         """Add the model in an archive and return its tag; pickle-bearing models need trust=True."""
         return _archive.import_model(self, path, trust=trust)
 
+    def import_layer(self, path: str | os.PathLike[str], *, root: str, tag: str, where: str, trust: bool = False,
+                     created_at: datetime | None = None) -> str:
+        """Add the model an OCI image layer holds under `<root>/<name>/<version>/` and return its tag (the image
+        says it is `tag`; `where` names the layer in errors); checked as import_model checks an archive."""
+        return _archive.import_layer(self, path, root=root, tag=tag, where=where, trust=trust, created_at=created_at)
+
     def tags(self, name: str | None = None) -> list[str]:
         return [model.tag for model in self.list(name)]
 

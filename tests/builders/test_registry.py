@@ -27,6 +27,7 @@ from bento_like.builders.registry import (
     BlobProgress,
     Credentials,
     Reference,
+    RegistryClient,
     RegistryError,
     load_credentials,
     pull_image,
@@ -455,3 +456,16 @@ def test_an_https_registry_with_a_plain_http_realm_elsewhere_gets_no_password(tm
         proc.wait(10)
         recorder.shutdown()
         recorder.server_close()
+
+
+def test_a_blob_larger_than_its_descriptor_is_refused_while_it_downloads(tmp_path: Path) -> None:
+    import hashlib
+
+    declared = b"x" * 10
+    digest = "sha256:" + hashlib.sha256(declared).hexdigest()
+    endless = httpx.MockTransport(lambda request: httpx.Response(200, content=declared * 2**20))
+    layout = Layout.init(tmp_path / "layout")
+    with RegistryClient("127.0.0.1:1", transport=endless) as client, \
+            pytest.raises(RegistryError, match=r"more than the 10 bytes its manifest declares"):
+        client.fetch_blob("t/x", digest, len(declared), layout)
+    assert not any((tmp_path / "layout" / "blobs" / "sha256").iterdir())  # nothing half-written left behind
