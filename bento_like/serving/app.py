@@ -100,7 +100,6 @@ class ServerState:
         self.unavailable: str | None = None  # why the APIs answer 503 while ready was true (a model unloaded)
         self.versioned = bool(spec.model_refs())
         self.control_dir = options.control_dir
-        self.worker_id = options.worker_id
         self.repository = ModelRepository(self)
         self.api_names = {entry.attr: entry.config.name for entry in spec.apis}
         self.warmups: dict[str, WarmupPlan] = {}  # by API name: the warm-ups the APIs asked for

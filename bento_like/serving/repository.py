@@ -93,7 +93,6 @@ class ModelRepository:
         self.swap_mode = tuning.swap_mode
         self.control = ControlDir(Path(state.control_dir), self) if state.control_dir else None
         self.workers = state.workers
-        self.worker_id = state.worker_id or "0"
 
     # -- what serves now ------------------------------------------------------------------------------------
 
@@ -120,8 +119,8 @@ class ModelRepository:
         return rows
 
     def version_ready(self, name: str, version: str) -> bool | None:
-        """Whether ``version`` (or a unique prefix of it) of ``name`` serves on every instance; None when the
-        service has no model of that name."""
+        """Whether ``version`` (or a prefix of it) of ``name`` serves on every instance; None when the service has
+        no model of that name."""
         slot = self.slots.get(name)
         if slot is None:
             return None
