@@ -86,7 +86,8 @@ async def call_on(ep: APIEndpoint, inst: Any, gen: Generation, kwargs: dict[str,
 
 
 def structure(value: Any) -> Any:
-    """What must not change between versions: types, array shapes and dtypes, keys, lengths."""
+    """What must not change between versions: types, array shapes and dtypes, keys. A list's length may (how
+    many detections an image holds is the model's answer, not its shape): its first item's structure may not."""
     if isinstance(value, np.ndarray):
         return ("array", value.shape, value.dtype.str)
     if hasattr(value, "shape") and hasattr(value, "dtype"):  # a framework tensor
@@ -94,7 +95,7 @@ def structure(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: structure(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return (type(value).__name__, len(value), structure(value[0]) if value else None)
+        return (type(value).__name__, structure(value[0]) if value else None)
     return type(value).__name__
 
 
@@ -108,7 +109,7 @@ def check_quality(api: str, check: Check, old: Any, new: Any) -> None:
     ref, cand = _first_array(old), _first_array(new)
     if ref is None or cand is None:
         raise LoadFailed(f"parameters.quality: API {api!r} returns no array to compare")
-    ref, cand = ref.reshape(len(ref), -1) if ref.ndim else ref.reshape(1, 1), cand.reshape(len(cand), -1) if cand.ndim else cand.reshape(1, 1)
+    ref, cand = _rows(ref), _rows(cand)
     if check.metric == "cosine":
         value = float(_fidelity.cosine(ref, cand).mean())
     elif check.metric == "max_abs":
@@ -122,6 +123,11 @@ def check_quality(api: str, check: Check, old: Any, new: Any) -> None:
     if not passed or not np.isfinite(value):
         bound = f">= {check.min}" if check.min is not None else f"<= {check.max}"
         raise LoadFailed(f"quality check failed on API {api!r}: {check.metric} {value:.6g}, must be {bound}")
+
+
+def _rows(array: np.ndarray) -> np.ndarray:
+    """One row per input item, whatever the output's other dimensions."""
+    return array.reshape(len(array), -1) if array.ndim else array.reshape(1, 1)
 
 
 def _first_array(value: Any) -> np.ndarray | None:
