@@ -39,6 +39,7 @@ from .swap_checks import (
     example_input,
     free_memory,
     load_failure,
+    same_structure,
     show,
     structure,
     tensors,
@@ -302,7 +303,7 @@ class ModelRepository:
                     continue
                 old = await call_on(ep, inst, old_gen, kwargs)
                 was, now = structure(old), structure(new)
-                if was != now:
+                if not same_structure(was, now):
                     assert prepared.stored is not None
                     raise LoadFailed(f"API {ep.name!r} answers {show(now)} with {prepared.stored.tag}, and "
                                      f"{show(was)} with the serving {old_gen.label}, on the same input")

@@ -85,23 +85,44 @@ async def call_on(ep: APIEndpoint, inst: Any, gen: Generation, kwargs: dict[str,
     return await (method(**kwargs) if ep.is_async else inst.runner.submit(method, **kwargs))
 
 
-def structure(value: Any) -> Any:
-    """What must not change between versions: types, array shapes and dtypes, keys. A list's length may (how
-    many detections an image holds is the model's answer, not its shape): its first item's structure may not."""
+def structure(value: Any) -> tuple[Any, ...]:
+    """What must not change between versions: types, array shapes and dtypes, keys, a tuple's items. A list's
+    length may (how many detections an image holds is the model's answer, not its shape): its items' may not."""
     if isinstance(value, np.ndarray):
         return ("array", value.shape, value.dtype.str)
     if hasattr(value, "shape") and hasattr(value, "dtype"):  # a framework tensor
-        return (type(value).__name__, tuple(value.shape), str(value.dtype))
+        return ("tensor", type(value).__name__, tuple(value.shape), str(value.dtype))
     if isinstance(value, dict):
-        return {k: structure(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__, structure(value[0]) if value else None)
-    return type(value).__name__
+        return ("dict", tuple((k, structure(v)) for k, v in value.items()))
+    if isinstance(value, tuple):
+        return ("tuple", tuple(structure(v) for v in value))
+    if isinstance(value, list):
+        return ("list", structure(value[0]) if value else None)
+    return ("value", type(value).__name__)
 
 
-def show(s: Any) -> str:
-    if isinstance(s, tuple) and len(s) == 3 and s[0] == "array":
+def same_structure(was: tuple[Any, ...], now: tuple[Any, ...]) -> bool:
+    """Whether two ``structure`` results agree; an empty list agrees with any list (nothing to compare)."""
+    if was[0] != now[0]:
+        return False
+    kind = was[0]
+    if kind == "list":
+        return was[1] is None or now[1] is None or same_structure(was[1], now[1])
+    if kind == "dict":
+        return [k for k, _ in was[1]] == [k for k, _ in now[1]] and all(
+            same_structure(a, b) for (_, a), (_, b) in zip(was[1], now[1]))
+    if kind == "tuple":
+        return len(was[1]) == len(now[1]) and all(same_structure(a, b) for a, b in zip(was[1], now[1]))
+    return was == now
+
+
+def show(s: tuple[Any, ...]) -> str:
+    if s[0] == "array":
         return f"an array of shape {s[1]} ({np.dtype(s[2]).name})"
+    if s[0] == "tensor":
+        return f"a {s[1]} of shape {s[2]} ({s[3]})"
+    if s[0] == "value":
+        return f"a {s[1]}"
     return repr(s)
 
 
