@@ -421,6 +421,8 @@ def test_acceptance_five_swaps_and_two_code_reloads_under_load(start_server, sto
     assert not load.errors, load.errors[:5]
     assert load.count() > 500 and all(r.status == 200 for r in load.records)
     assert check_versions(load.records, store, loads) == [1, 2, 3, 4, 5, 6]
+    print(f"acceptance: {load.count()} requests in {time.monotonic() - started:.1f} s, all 200; "
+          f"{len({(r.pid, r.batch) for r in load.records})} batches, {len({r.pid for r in load.records})} worker pids")
     new_pids = {r.pid for r in load.records if r.sent > reloaded}
     assert new_pids and not new_pids & first_pids  # the first reload's workers served
     assert {r.k for r in load.records if second < r.sent < before_sixth} == {5}  # pinned, not 'latest' (7)
