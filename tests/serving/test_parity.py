@@ -193,8 +193,8 @@ def test_client_sends_pydantic_models(server: Server) -> None:
 
 def _load_error(tmp_path: Path, source: str) -> str:
     (tmp_path / "svc.py").write_text(source)
-    code = ("import bento_like.serving.workers as w; from bento_like.description import describe; "
-            "describe(w._load(w.Target('svc.py:S', '.')))")
+    code = ("import bento_like.serving.targets as t; from bento_like.description import describe; "
+            "describe(t.load_target(t.Target('svc.py:S', '.')))")
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     return r.stderr.strip().splitlines()[-1]
