@@ -41,6 +41,9 @@ _REPOSITORY = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # the limit containerd and the distribution registry put on a manifest
+
+
 class RegistryError(Exception):
     """The registry refused or failed a request; the message names the request and the registry's own error."""
 
@@ -526,10 +529,22 @@ class RegistryClient:
         return layout.blob_path(digest)
 
     def _get_manifest(self, repository: str, reference: str, scopes: tuple[str, ...]) -> tuple[str, bytes]:
-        response = self._request("GET", f"/v2/{repository}/manifests/{reference}", scopes, headers={"Accept": _ACCEPT})
-        if response.status_code != 200:
-            raise RegistryError(f"GET manifest {repository}:{reference} on {self.registry}: {_error_text(response)}")
-        data = response.content
+        response = self._request("GET", f"/v2/{repository}/manifests/{reference}", scopes, headers={"Accept": _ACCEPT},
+                                 stream=True)
+        try:
+            if response.status_code != 200:
+                response.read()
+                raise RegistryError(f"GET manifest {repository}:{reference} on {self.registry}: {_error_text(response)}")
+            chunks, size = [], 0
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > MAX_MANIFEST_BYTES:  # hostile until checked: a registry could stream forever
+                    raise RegistryError(f"{self.registry}/{repository}:{reference}: the manifest is larger than "
+                                        f"{MAX_MANIFEST_BYTES} bytes; refused")
+                chunks.append(chunk)
+        finally:
+            response.close()
+        data = b"".join(chunks)
         if reference.startswith("sha256:") and "sha256:" + hashlib.sha256(data).hexdigest() != reference:
             raise RegistryError(f"{self.registry}/{repository}@{reference}: the manifest does not match its digest")
         media_type = response.headers.get("Content-Type", "").split(";")[0].strip()

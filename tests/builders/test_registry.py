@@ -469,3 +469,21 @@ def test_a_blob_larger_than_its_descriptor_is_refused_while_it_downloads(tmp_pat
             pytest.raises(RegistryError, match=r"more than the 10 bytes its manifest declares"):
         client.fetch_blob("t/x", digest, len(declared), layout)
     assert not any((tmp_path / "layout" / "blobs" / "sha256").iterdir())  # nothing half-written left behind
+
+
+def test_a_manifest_larger_than_the_limit_is_refused_while_it_downloads() -> None:
+    from bento_like.builders.registry import MAX_MANIFEST_BYTES
+
+    sent: list[int] = []
+
+    def endless():  # type: ignore[no-untyped-def]  # a hostile registry that never stops sending its manifest
+        while True:
+            sent.append(2**16)
+            yield b" " * 2**16
+
+    hostile = httpx.MockTransport(lambda request: httpx.Response(
+        200, headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"}, content=endless()))
+    with RegistryClient("127.0.0.1:1", transport=hostile) as client, \
+            pytest.raises(RegistryError, match=rf"larger than {MAX_MANIFEST_BYTES} bytes; refused"):
+        client.image_manifest("t/x", "v1")
+    assert sum(sent) <= MAX_MANIFEST_BYTES + 2**16  # it stopped reading at the limit
