@@ -86,6 +86,11 @@ def member_path(
     return f"{parts[0]}/{parts[1]}", "/".join(parts[2:])
 
 
+MAX_MEMBERS = 100_000
+"""More entries than any model or bento has: an archive of millions of empty entries (directories, which no
+manifest lists) would fill memory with their headers before any check refused them."""
+
+
 def safe_extract(
     tar: tarfile.TarFile,
     source: Path,
@@ -108,7 +113,9 @@ def safe_extract(
     files: set[str] = set()
     directories: set[str] = set()
     root = staged.resolve()
-    for member in tar:
+    for count, member in enumerate(tar, 1):
+        if count > MAX_MEMBERS:
+            raise error(f"{source}: more than {MAX_MEMBERS} entries; refused")
         found = member_path(member, source, is_prefix, what, error)
         if found is None:
             continue

@@ -25,7 +25,7 @@ from typing import IO, TYPE_CHECKING
 import msgspec
 
 from .. import _yaml
-from .._archives import ArchiveWriteError, member_path, safe_extract, write_archive
+from .._archives import MAX_MEMBERS, ArchiveWriteError, member_path, safe_extract, write_archive
 from ._digest import verify_files
 from ._errors import (
     AdapterError,
@@ -178,10 +178,6 @@ def _import(store: ModelStore, tar: tarfile.TarFile | _LayerView, source: Path, 
         return store._install(staged, info)
 
 
-_MAX_LAYER_MEMBERS = 100_000
-"""More entries than any model has; a layer of millions of empty entries would fill memory before a check."""
-
-
 def _layer_name(member: tarfile.TarInfo, root: str, where: str) -> str | None:
     """The member's path below `root/` (None for `root` itself and the directories above it), after the checks
     every archive member passes; raises for one outside `root`."""
@@ -200,8 +196,8 @@ def _layer_manifest(source: Path, root: str, where: str) -> tuple[str, bytes]:
     try:
         with tarfile.open(source, "r|*") as tar:
             for count, member in enumerate(tar, 1):
-                if count > _MAX_LAYER_MEMBERS:
-                    raise UnsafeArchiveError(f"{where}: more than {_MAX_LAYER_MEMBERS} entries")
+                if count > MAX_MEMBERS:
+                    raise UnsafeArchiveError(f"{where}: more than {MAX_MEMBERS} entries")
                 name = _layer_name(member, root, where)
                 if name is None:
                     continue

@@ -136,6 +136,25 @@ def test_a_member_larger_than_its_manifest_entry_is_refused_unwritten(tmp_path: 
         refused(archive, store_root, r"'m/.*/files/a/x.txt' is 268435456 bytes in the archive, the manifest says 2")
 
 
+def test_an_archive_of_endless_entries_is_refused_at_the_entry_limit(tmp_path: Path, store_root: Path) -> None:
+    import io
+    import tarfile
+
+    from bento_like._archives import MAX_MEMBERS
+
+    version, manifest = forged_manifest("m", None, FILES)
+    archive = tmp_path / "m.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo(f"m/{version}/manifest.yaml")
+        info.size = len(manifest)
+        tar.addfile(info, io.BytesIO(manifest))
+        for i in range(MAX_MEMBERS + 1):  # directories: no manifest lists them, so only the count stops them
+            entry = tarfile.TarInfo(f"m/{version}/d{i}")
+            entry.type = tarfile.DIRTYPE
+            tar.addfile(entry)
+    refused(archive, store_root, rf"more than {MAX_MEMBERS} entries; refused")
+
+
 def test_the_manifest_must_come_first(tmp_path: Path, store_root: Path) -> None:
     version, manifest = forged_manifest("m", None, FILES)
     archive = tar_of(
