@@ -65,7 +65,7 @@ class APIEndpoint:
         self.batcher: Batcher | None = None  # set by the app for batchable APIs
         self.placement = DirectPlacement(state.tuning.placement, self.is_async)
         self.in_flight = 0
-        self._status_labels: dict[tuple[int, str], tuple[str, str, str]] = {}
+        self._status_labels: dict[int | tuple[int, str], tuple[str, str, str]] = {}
         self.versioned = state.versioned  # the service has models: responses say which version answered
         self.last_input: dict[str, Any] | None = None  # a served input: what a model swap checks a new version on
 
@@ -112,10 +112,11 @@ class APIEndpoint:
         finally:
             state.load.leave()
             self.in_flight -= 1
-            key = (status, version[0] if version is not None else "")
+            # a service without models keys its labels by status alone: no tuple made per request
+            key = status if version is None else (status, version[0])
             labels = self._status_labels.get(key)
             if labels is None:
-                labels = self._status_labels[key] = (self.name, str(status), key[1])
+                labels = self._status_labels[key] = (self.name, str(status), "" if version is None else version[0])
             state.metrics.requests.inc(labels)
             state.metrics.latency.observe(labels, time.perf_counter() - started)
 
