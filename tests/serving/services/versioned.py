@@ -26,7 +26,7 @@ class Versioned:
     def __init__(self) -> None:
         _alive.add(self.model)
 
-    @bl.api(batchable=True, max_batch_size=16, max_latency_ms=5)
+    @bl.api(batchable=True, max_batch_size=16, max_latency_ms=50)
     def score(self, x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             out = self.model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
